@@ -1,0 +1,150 @@
+"""Prompt layout, sampling and the prefill / decode loop of the AR generator (gpt-fast style).
+
+Text-to-image prompt:  `{prompt}<sop>{th} {tw}<eop><sop>{ph} {pw}<eop><|dit_token_16384|>`, then the model writes
+the preview grid (ph×pw ids, a layout plan that is discarded) and the target grid (th×tw ids).
+Image-to-image prompt: `(<|dit_token_16384|>{cond ids}<|dit_token_16385|>)* {prompt}<sop>{th} {tw}<eop>
+<|dit_token_16384|>`, then the target grid only. Condition-image ids sit at 2D mRoPE positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmimage.ar.model import ARModel
+from glmimage.tokenizer.text import GRID_BOS, GRID_EOS, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, TextTokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """One laid-out AR prompt: ids (T,), prefill positions (3, T), decode positions (3, N) for the N grid tokens,
+    and the grids written in order [(h, w), ...] (preview first for text-to-image)."""
+    ids: torch.Tensor
+    pos: torch.Tensor
+    decode_pos: torch.Tensor
+    grids: tuple[tuple[int, int], ...]
+
+    @property
+    def num_new(self) -> int:
+        return sum(h * w for h, w in self.grids)
+
+
+def grid_positions(base: int, h: int, w: int) -> torch.Tensor:
+    """(t, h, w) mRoPE positions of an h×w grid starting at `base` -> (3, h*w) in raster order."""
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    return torch.stack([torch.full((h * w,), base), base + rows, base + cols])
+
+
+def layout_prompt(tok: TextTokenizer, prompt: str, *, target: tuple[int, int], preview: tuple[int, int] | None,
+                  cond: list[tuple[torch.Tensor, int, int]] = ()) -> Prompt:
+    """Build ids and positions. target/preview: token grids (h, w); cond: [(ids (h*w,), h, w)] condition images."""
+    th, tw = target
+    text = "".join(f"{IMAGE_START}{IMAGE_PLACEHOLDER}{IMAGE_END}" for _ in cond) + prompt
+    text += f"{GRID_BOS}{th} {tw}{GRID_EOS}"
+    if preview is not None:
+        text += f"{GRID_BOS}{preview[0]} {preview[1]}{GRID_EOS}"
+    text += IMAGE_START
+    raw = tok.encode(text)
+    ids, pos, cur = [], [], 0
+    images = iter(cond)
+    for i in raw:
+        if i == tok.image_placeholder_id:
+            img_ids, h, w = next(images)
+            ids.append(img_ids.long().cpu())
+            pos.append(grid_positions(cur, h, w))
+            cur += max(h, w)  # a 2D block advances the running position by its longer side
+        else:
+            ids.append(torch.tensor([i]))
+            pos.append(torch.full((3, 1), cur))
+            cur += 1
+    grids = ((preview,) if preview is not None else ()) + (target,)
+    dpos, base = [], cur
+    for h, w in grids:
+        dpos.append(grid_positions(base, h, w))
+        base += max(h, w)
+    return Prompt(ids=torch.cat(ids), pos=torch.cat(pos, dim=1), decode_pos=torch.cat(dpos, dim=1),
+                  grids=tuple((int(h), int(w)) for h, w in grids))
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> ids (B,). Temperature, then top-k, then top-p (the transformers order); no host sync."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _batch(prompts: list[Prompt], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Left-pad prompts -> ids (B, T), pos (3, B, T), valid (B, T) bool, decode_pos (3, B, N)."""
+    t = max(p.ids.numel() for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, len(prompts), t, dtype=torch.long)
+    valid = torch.zeros(len(prompts), t, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        n = p.ids.numel()
+        ids[b, t - n:], pos[:, b, t - n:], valid[b, t - n:] = p.ids, p.pos, True
+    dpos = torch.stack([p.decode_pos for p in prompts], dim=1)
+    return ids.to(device), pos.to(device), valid.to(device), dpos.to(device)
+
+
+@torch.no_grad()
+def prefill(model: ARModel, ids: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Run the prompt through the cache. ids (B, T), key_valid (B, S) -> logits of the last position (B, V)."""
+    t, s = ids.shape[1], key_valid.shape[1]
+    slots = torch.arange(s, device=ids.device)
+    causal = slots[None, :] <= torch.arange(t, device=ids.device)[:, None]  # (T, S)
+    mask = causal[None] & key_valid[:, None, :]
+    mask |= slots[None, None, :] == torch.arange(t, device=ids.device)[None, :, None]  # pads see themselves: no NaN
+    return model(ids, pos, mask[:, None], torch.arange(t, device=ids.device))[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: ARModel, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """tok (B,), pos (3, B, 1), mask (B, 1, 1, S), input_pos (1,) -> logits (B, V)."""
+    return model(tok[:, None], pos, mask, input_pos)[:, -1]
+
+
+@torch.no_grad()
+def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_id: int, temperature: float = 0.9,
+             top_p: float | None = 0.75, top_k: int | None = None, greedy: bool = False,
+             generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+    """Write every grid of every prompt -> ids (B, N), N = sum of grid sizes (all prompts share one layout)."""
+    if len({p.grids for p in prompts}) != 1:
+        raise ValueError("all prompts of a batch must request the same grids (same size and mode)")
+    device = model.embed_tokens.weight.device
+    ids, pos, valid, dpos = _batch(prompts, pad_id, device)
+    b, t = ids.shape
+    n = prompts[0].num_new
+    model.setup_caches(b, t + n)
+    s = model.max_seq
+    key_valid = torch.ones(b, s, dtype=torch.bool, device=device)
+    key_valid[:, :t] = valid
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        # The head also scores the 128 special ids; a grid cell must be a codebook entry.
+        return sample(logits[:, :codebook_size], **kw)
+
+    out = torch.empty(b, n, dtype=torch.long, device=device)
+    out[:, 0] = pick(prefill(model, ids, pos, key_valid))
+    slots = torch.arange(s, device=device)
+    for i in range(n - 1):
+        input_pos = torch.tensor([t + i], device=device)
+        mask = ((slots <= t + i)[None] & key_valid)[:, None, None, :]
+        out[:, i + 1] = pick(decode_one_token(model, out[:, i], dpos[:, :, i:i + 1], mask, input_pos))
+        if progress is not None:
+            progress.update(1)
+    return out

@@ -1,0 +1,341 @@
+"""Checkpoints: our own format (config.json + model.safetensors + tokenizer.json), import of the official diffusers
+layout (GlmImagePipeline folders, sharded safetensors), and export back to it. Never pickle; writes are atomic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from glmimage.ar.model import ARConfig, ARModel
+from glmimage.config import ModelConfig, SamplingConfig, ScheduleConfig, preset
+from glmimage.dit.model import DiT, DiTConfig
+from glmimage.glyph import GlyphEncoder
+from glmimage.pipeline import Pipeline, resolve_device, resolve_dtype
+from glmimage.tokenizer.text import TextTokenizer
+from glmimage.tokenizer.vq import VisualTokenizer, VQConfig
+from glmimage.vae import VAE
+
+FORMAT = "glmimage/1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Official key -> our key, per component. '*' stands for a layer index. Longest patterns first.
+KEY_MAP: dict[str, list[tuple[str, str]]] = {
+    "ar": [
+        ("model.language_model.embed_tokens.", "embed_tokens."),
+        ("model.language_model.layers.*.", "layers.*."),
+        ("model.language_model.norm.", "norm."),
+        ("lm_head.", "lm_head."),
+    ],
+    "vq": [
+        ("model.visual.patch_embed.proj.", "patch_embed."),
+        ("model.visual.embeddings.position_embedding.", "pos_embed."),
+        ("model.visual.blocks.*.attn.qkv.", "blocks.*.qkv."),
+        ("model.visual.blocks.*.attn.proj.", "blocks.*.proj."),
+        ("model.visual.blocks.*.mlp.fc1.", "blocks.*.fc1."),
+        ("model.visual.blocks.*.mlp.fc2.", "blocks.*.fc2."),
+        ("model.visual.blocks.*.norm1.", "blocks.*.norm1."),
+        ("model.visual.blocks.*.norm2.", "blocks.*.norm2."),
+        ("model.vqmodel.quant_conv.", "quant_proj."),
+        ("model.vqmodel.quantize.embedding.", "codebook."),
+    ],
+    "dit": [
+        ("image_projector.proj.", "x_embedder."),
+        ("glyph_projector.net.0.proj.", "glyph_embedder.fc1."),
+        ("glyph_projector.net.2.", "glyph_embedder.fc2."),
+        ("prior_token_embedding.", "prior_embedding."),
+        ("prior_projector.net.0.proj.", "prior_projector.fc1."),
+        ("prior_projector.net.2.", "prior_projector.fc2."),
+        ("time_condition_embed.timestep_embedder.linear_1.", "t_embedder.timestep_mlp.fc1."),
+        ("time_condition_embed.timestep_embedder.linear_2.", "t_embedder.timestep_mlp.fc2."),
+        ("time_condition_embed.condition_embedder.linear_1.", "t_embedder.size_mlp.fc1."),
+        ("time_condition_embed.condition_embedder.linear_2.", "t_embedder.size_mlp.fc2."),
+        ("transformer_blocks.*.norm1.linear.", "blocks.*.adaLN_modulation."),
+        ("transformer_blocks.*.attn1.to_q.", "blocks.*.q_proj."),
+        ("transformer_blocks.*.attn1.to_k.", "blocks.*.k_proj."),
+        ("transformer_blocks.*.attn1.to_v.", "blocks.*.v_proj."),
+        ("transformer_blocks.*.attn1.to_out.0.", "blocks.*.o_proj."),
+        ("transformer_blocks.*.ff.net.0.proj.", "blocks.*.mlp.fc1."),
+        ("transformer_blocks.*.ff.net.2.", "blocks.*.mlp.fc2."),
+        ("norm_out.linear.", "final_adaLN."),
+        ("proj_out.", "final_layer."),
+    ],
+}
+IGNORED_OFFICIAL = ("model.vqmodel.post_quant_conv.",)  # exists in the official AR checkpoint, never used
+
+
+def _compile(pairs: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for off, ours in pairs:
+        src, dst = (ours, off) if reverse else (off, ours)
+        out.append((re.compile("^" + re.escape(src).replace(r"\*", r"(\d+)")), dst.replace("*", r"\1", 1)))
+    return out
+
+
+def map_key(key: str, component: str, *, to_official: bool = False) -> str | None:
+    """Translate one tensor name between the official layout and ours; None when it has no counterpart."""
+    for pat, repl in _compile(KEY_MAP[component], to_official):
+        if pat.match(key):
+            return pat.sub(repl, key, count=1)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe tensor I/O
+# ---------------------------------------------------------------------------------------------------------------
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read every tensor of the given files; missing, truncated or pickle files raise ValueError."""
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{f}: pickle checkpoints are never loaded (arbitrary code execution); "
+                             "convert it to safetensors")
+        if not f.is_file():
+            raise ValueError(f"weight file not found: {f}")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    out[k] = st.get_tensor(k)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"cannot read weight file {f} (truncated or not safetensors?): {e}") from None
+    return out
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load with assign=True (meta-built modules); shape or name mismatches raise ValueError."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: checkpoint does not match the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        if tuple(expected[k].shape) != tuple(v.shape):
+            raise ValueError(f"{what}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but the model "
+                             f"expects {tuple(expected[k].shape)}")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _atomic_dir(final: Path):
+    """Write into a temp folder beside `final`, then swap it in with renames (the old copy survives a crash)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------------
+def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", dtype: str = "float32",
+          state: dict[str, dict[str, torch.Tensor]] | None = None, seed: int = 0) -> Pipeline:
+    """Build a pipeline from a config; `state` (per component) loads weights, else random init from `seed`."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if len(tokenizer) > cfg.ar.vocab_size:
+        raise ValueError(f"text tokenizer has {len(tokenizer)} ids but the AR embedding only {cfg.ar.vocab_size}")
+    torch.manual_seed(seed)
+    if state is None:
+        ar, vq, dit = ARModel(cfg.ar), VisualTokenizer(cfg.vq), DiT(cfg.dit)
+        dit.initialize_weights()
+    else:
+        with torch.device("meta"):
+            ar, vq, dit = ARModel(cfg.ar), VisualTokenizer(cfg.vq), DiT(cfg.dit)
+        for name, mod in (("ar", ar), ("vq", vq), ("dit", dit)):
+            _load_into(mod, state[name], name)
+    glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
+    if state is not None:
+        _load_into(glyph.encoder, state["glyph"], "glyph")
+        _load_into(vae.model, state["vae"], "vae")
+    for m in (ar, vq, dit):
+        m.to(dev, dt).eval()
+    glyph.to(dev, torch.float32).eval()  # small; T5 overflows in fp16
+    vae.to(dev, torch.float32).eval()  # the VAE decoder needs fp32 (fp16 overflows to NaN)
+    return Pipeline(cfg, tokenizer=tokenizer, ar=ar, vq=vq, dit=dit, glyph=glyph, vae=vae, device=dev, dtype=dt)
+
+
+def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
+    """Load a pipeline: a preset name (random weights), our own folder, or an official diffusers-layout folder."""
+    p = Path(path_or_preset)
+    if isinstance(path_or_preset, str) and not p.exists() and path_or_preset in ("debug", "glm-image"):
+        cfg = preset(path_or_preset)
+        return build(cfg, TextTokenizer.byte_level(cfg.vq.codebook_size), device=device, dtype=dtype)
+    if p.is_file():
+        if p.suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{p}: pickle checkpoints are never loaded; give a glmimage or diffusers folder")
+        raise ValueError(f"{p} is a file; give a model folder (glmimage format or official diffusers layout)")
+    if not p.is_dir():
+        raise ValueError(f"model not found: {path_or_preset!r}; give a folder or a preset: debug, glm-image")
+    if (p / "model_index.json").is_file():
+        return load_official(p, device=device, dtype=dtype)
+    if (p / "config.json").is_file():
+        return load_own(p, device=device, dtype=dtype)
+    raise ValueError(f"{p} holds neither config.json (glmimage format) nor model_index.json (diffusers layout)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Our own format
+# ---------------------------------------------------------------------------------------------------------------
+def save(pipe: Pipeline, path: str | Path, *, dtype: str | None = None) -> Path:
+    """Write config.json, tokenizer.json and model.safetensors (all components, prefixed) atomically."""
+    final = Path(path)
+    tmp = _atomic_dir(final)
+    try:
+        dt = resolve_dtype(dtype) if dtype else None
+        tensors = {}
+        for name, mod in (("ar", pipe.ar), ("vq", pipe.vq), ("dit", pipe.dit), ("glyph", pipe.glyph.encoder),
+                          ("vae", pipe.vae.model)):
+            for k, v in mod.state_dict().items():
+                v = v.detach().to("cpu")
+                tensors[f"{name}.{k}"] = (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **pipe.cfg.to_dict()}, indent=2))
+        pipe.tokenizer.save(tmp / "tokenizer.json")
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if raw.pop("format", None) != FORMAT:
+        raise ValueError(f"{path / 'config.json'} is not a {FORMAT} config")
+    cfg = ModelConfig.from_dict(raw)
+    pickles = [f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    weights = path / "model.safetensors"
+    if not weights.is_file() and pickles:
+        raise ValueError(f"{pickles[0]}: pickle checkpoints are never loaded; expected {weights}")
+    flat = read_safetensors([weights])
+    state: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("ar", "vq", "dit", "glyph", "vae")}
+    for k, v in flat.items():
+        comp, _, rest = k.partition(".")
+        if comp not in state:
+            raise ValueError(f"{weights}: unexpected tensor {k}")
+        state[comp][rest] = v
+    return build(cfg, TextTokenizer.from_file(path / "tokenizer.json"), device=device, dtype=dtype, state=state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official diffusers layout
+# ---------------------------------------------------------------------------------------------------------------
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"missing file in the official layout: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _weight_files(folder: Path, stem: str) -> list[Path]:
+    """Sharded or single safetensors of one component; the index, when present, names every shard."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in _json(index)["weight_map"].values()})
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = [f for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"{pickles[0]}: pickle checkpoints are never loaded; convert to safetensors")
+    raise ValueError(f"no safetensors weights in {folder}")
+
+
+def official_config(root: Path) -> ModelConfig:
+    """Read the official folder's JSON configs into a ModelConfig."""
+    vle = _json(root / "vision_language_encoder" / "config.json")
+    tc, vc, qc = vle["text_config"], vle["vision_config"], vle["vq_config"]
+    rope = tc.get("rope_parameters") or {}
+    dit = _json(root / "transformer" / "config.json")
+    vae = {k: v for k, v in _json(root / "vae" / "config.json").items() if not k.startswith("_")}
+    t5 = {k: v for k, v in _json(root / "text_encoder" / "config.json").items()
+          if not k.startswith("_") and k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
+    sched = _json(root / "scheduler" / "scheduler_config.json")
+    proc = _json(root / "processor" / "processor_config.json").get("image_processor", {})
+    gen_path = root / "vision_language_encoder" / "generation_config.json"
+    gen = _json(gen_path) if gen_path.is_file() else {}
+    size = proc.get("size") or {}
+    return ModelConfig(
+        ar=ARConfig(vocab_size=tc["vocab_size"], vision_vocab_size=tc["vision_vocab_size"], dim=tc["hidden_size"],
+                    n_layers=tc["num_hidden_layers"], n_heads=tc["num_attention_heads"],
+                    n_kv_heads=tc["num_key_value_heads"], intermediate_size=tc["intermediate_size"],
+                    norm_eps=tc.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", 10000.0),
+                    partial_rotary_factor=rope.get("partial_rotary_factor", 0.5),
+                    mrope_section=tuple(rope.get("mrope_section", (8, 12, 12)))),
+        vq=VQConfig(dim=vc["hidden_size"], n_layers=vc["depth"], n_heads=vc["num_heads"],
+                    intermediate_size=vc["intermediate_size"], patch_size=vc["patch_size"],
+                    pos_grid=vc["image_size"] // vc["patch_size"], norm_eps=vc.get("layer_norm_eps", 1e-6),
+                    codebook_size=qc["num_embeddings"], code_dim=qc["embed_dim"],
+                    min_pixels=size.get("shortest_edge", 512 * 512), max_pixels=size.get("longest_edge", 2048 * 2048),
+                    image_mean=tuple(proc.get("image_mean", VQConfig().image_mean)),
+                    image_std=tuple(proc.get("image_std", VQConfig().image_std))),
+        dit=DiTConfig(in_channels=dit["in_channels"], patch_size=dit["patch_size"], n_layers=dit["num_layers"],
+                      n_heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"],
+                      glyph_dim=dit["text_embed_dim"], time_embed_dim=dit["time_embed_dim"],
+                      condition_dim=dit["condition_dim"], codebook_size=dit["prior_vq_quantizer_codebook_size"]),
+        glyph=t5, vae=vae,
+        sampling=SamplingConfig(temperature=gen.get("temperature", 0.9), top_p=gen.get("top_p", 0.75),
+                                top_k=gen.get("top_k", 50)),
+        schedule=ScheduleConfig(num_train_timesteps=sched.get("num_train_timesteps", 1000),
+                                base_image_seq_len=sched.get("base_image_seq_len", 256),
+                                base_shift=sched.get("base_shift", 0.25), max_shift=sched.get("max_shift", 0.75)),
+    )
+
+
+def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
+    """Load a GlmImagePipeline folder (model_index.json + subfolders) into our modules."""
+    index = _json(root / "model_index.json")
+    if index.get("_class_name") != "GlmImagePipeline":
+        raise ValueError(f"{root}: model_index.json describes {index.get('_class_name')!r}, not GlmImagePipeline")
+    cfg = official_config(root)
+    vle = read_safetensors(_weight_files(root / "vision_language_encoder", "model"))
+    state: dict[str, dict[str, torch.Tensor]] = {"ar": {}, "vq": {}}
+    unknown = []
+    for k, v in vle.items():
+        if k.startswith(IGNORED_OFFICIAL):
+            continue
+        for comp in ("ar", "vq"):
+            ours = map_key(k, comp)
+            if ours is not None:
+                if ours == "quant_proj.weight":
+                    v = v.flatten(1)  # 1×1 conv -> linear
+                state[comp][ours] = v
+                break
+        else:
+            unknown.append(k)
+    state["dit"] = {}
+    for k, v in read_safetensors(_weight_files(root / "transformer", "diffusion_pytorch_model")).items():
+        ours = map_key(k, "dit")
+        if ours is None:
+            unknown.append(k)
+        else:
+            state["dit"][ours] = v
+    if unknown:
+        raise ValueError(f"{root}: tensors with no counterpart in glmimage: {unknown[:5]}")
+    state["glyph"] = read_safetensors(_weight_files(root / "text_encoder", "model"))
+    if "encoder.embed_tokens.weight" not in state["glyph"] and "shared.weight" in state["glyph"]:
+        state["glyph"]["encoder.embed_tokens.weight"] = state["glyph"]["shared.weight"]  # tied in T5
+    state["vae"] = read_safetensors(_weight_files(root / "vae", "diffusion_pytorch_model"))
+    tok = TextTokenizer.from_file(root / "processor" / "tokenizer.json")
+    return build(cfg, tok, device=device, dtype=dtype, state=state)

@@ -1,0 +1,69 @@
+"""Glyph stream: the quoted strings of a prompt, encoded byte by byte with a ByT5 encoder (transformers).
+
+Only quoted text reaches the DiT this way; the rest of the prompt reaches it through the AR's semantic tokens.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+_QUOTES = (r"'([^']*)'", "\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', "「([^「」]*)」")
+
+
+def extract_glyph_texts(prompt: str) -> list[str]:
+    """Quoted strings in the order GLM-Image reads them: '…', then “…”, then "…", then 「…」."""
+    return [m for pattern in _QUOTES for m in re.findall(pattern, prompt)]
+
+
+class GlyphEncoder(nn.Module):
+    """ByT5 encoder (transformers `T5EncoderModel` + `ByT5Tokenizer`, which needs no vocabulary file)."""
+
+    def __init__(self, t5_config: dict, max_length: int = 2048) -> None:
+        super().__init__()
+        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+        cfg = T5Config(**{**t5_config, "is_encoder_decoder": False})
+        self.t5_config = t5_config
+        self.encoder = T5EncoderModel(cfg).eval()
+        self.tokenizer = ByT5Tokenizer()
+        self.max_length = max_length
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> torch.Tensor:
+        """Prompt -> glyph embeddings (L, dim): every quoted string encoded, valid positions concatenated."""
+        texts = extract_glyph_texts(prompt) or [""]
+        ids = self.tokenizer(texts, max_length=self.max_length, truncation=True).input_ids
+        # Reference quirk kept for weight compatibility: one pad token is prepended to *every* string when the
+        # number of strings is even (the reference tests the list length, probably meaning the string length).
+        pad = self.tokenizer.pad_token_id
+        ids = [[pad] * ((len(ids) + 1) % 2) + x for x in ids]
+        n = max(len(x) for x in ids)
+        device = self.encoder.shared.weight.device
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
+        batch = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
+        hidden = self.encoder(batch, attention_mask=mask).last_hidden_state
+        return hidden[mask.bool()]
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> glyph (B, L, dim) right-padded with zeros, and mask (B, L) bool (True = real token)."""
+        embs = [self.encode_one(p) for p in prompts]
+        n = max(e.shape[0] for e in embs)
+        out = embs[0].new_zeros(len(embs), n, self.dim)
+        mask = torch.zeros(len(embs), n, dtype=torch.bool, device=out.device)
+        for i, e in enumerate(embs):
+            out[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
+        return out, mask
+
+
+GLYPH_PRESETS: dict[str, dict] = {
+    # ByT5-small encoder: 217.7 M parameters
+    "glm-image": dict(vocab_size=384, d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False),
+}

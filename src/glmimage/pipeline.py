@@ -1,0 +1,230 @@
+"""The one inference entry point: prompt (+ condition images) -> image(s), with stage timings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from glmimage.ar import generate as argen
+from glmimage.ar.model import ARModel
+from glmimage.config import ModelConfig
+from glmimage.dit import sample as dsample
+from glmimage.dit.model import DiT
+from glmimage.glyph import GlyphEncoder
+from glmimage.tokenizer.text import TextTokenizer
+from glmimage.tokenizer.vq import VisualTokenizer, preprocess, smart_resize
+from glmimage.vae import VAE
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "npu", "mps")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks cuda, then npu (torch_npu), then mps, then cpu; explicit names are checked."""
+    if isinstance(name, torch.device):
+        return name
+    name = name or "auto"
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; valid: {', '.join(DEVICES)} (optionally with :index)")
+    if kind == "npu" or (kind == "auto" and not torch.cuda.is_available()):
+        try:
+            import torch_npu  # noqa: F401  registers the 'npu' device with torch
+        except ImportError:
+            if kind == "npu":
+                raise ValueError("device 'npu' needs torch_npu installed") from None
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if hasattr(torch, "npu") and torch.npu.is_available():
+            return torch.device("npu")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: ar, dit, vae, total
+    prior_ids: torch.Tensor | None = None  # (B, th, tw) target-grid ids written by the AR
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """A PIL image or a path to one -> RGB image; unreadable input raises ValueError."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read condition image {image!r}: {e}") from None
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (same rounding as diffusers' VaeImageProcessor)."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+
+
+class Pipeline:
+    """Holds every component; `__call__` generates. Build it with `glmimage.load(...)`."""
+
+    def __init__(self, cfg: ModelConfig, *, tokenizer: TextTokenizer, ar: ARModel, vq: VisualTokenizer, dit: DiT,
+                 glyph: GlyphEncoder, vae: VAE, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.ar, self.vq, self.dit, self.glyph, self.vae = ar, vq, dit, glyph, vae
+        self.device, self.dtype = device, dtype
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"ar": self.ar, "vq": self.vq, "dit": self.dit, "glyph": self.glyph, "vae": self.vae}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def validate(self, prompts: list[str], height: int, width: int, steps: int) -> None:
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("prompt must be a non-empty string (or a non-empty list of non-empty strings)")
+        s = self.cfg.stride
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < s or v % s:
+                raise ValueError(f"{name} must be a positive multiple of the model's token stride {s} px, got {v}")
+        if max(height, width) / min(height, width) > 4:
+            raise ValueError(f"aspect ratio must be at most 4:1, got {width}x{height}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+
+    @torch.no_grad()
+    def condition_tokens(self, image: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+        """Resize a condition image to what both the tokenizer and the VAE see; -> (image, VQ ids (h, w))."""
+        h, w = smart_resize(image.height, image.width, self.cfg.vq)
+        d = self.cfg.vq.downsample
+        if (image.height, image.width) != (h * d, w * d):  # keep the VQ grid and the latent grid aligned
+            image = image.resize((w * d, h * d), Image.LANCZOS)
+        pixels = preprocess(image, self.cfg.vq).to(self.device, self.dtype)
+        return image, self.vq.encode(pixels)[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], images: list | None = None, *, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, greedy: bool = False,
+                 progress: bool = True) -> Result:
+        """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt."""
+        sc = self.cfg.sampling
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        height, width = height or sc.height, width or sc.width
+        steps = num_inference_steps or sc.num_inference_steps
+        guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
+        self.validate(prompts, height, width, steps)
+        conds = [load_image(im) for im in (images or [])]
+        t_start = time.perf_counter()
+        b = len(prompts)
+
+        # 1. AR: condition images -> VQ ids in the prompt; write the preview grid (text-to-image) then the target grid
+        target, preview = self.cfg.grids(height, width)
+        cond_tokens = [self.condition_tokens(im) for im in conds]
+        layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
+                                       cond=[(ids.flatten(), *ids.shape) for _, ids in cond_tokens])
+                   for p in prompts]
+        gen = torch.Generator(self.device).manual_seed(seed)
+        n_new = layouts[0].num_new
+        with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
+            tokens = argen.generate(self.ar, layouts, codebook_size=self.cfg.vq.codebook_size,
+                                    pad_id=self.tokenizer.pad_id,
+                                    temperature=sc.temperature if temperature is None else temperature,
+                                    top_p=sc.top_p if top_p is None else top_p,
+                                    top_k=sc.top_k if top_k is None else top_k, greedy=greedy, generator=gen,
+                                    progress=bar)
+        th, tw = target
+        grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
+        self._sync()
+        t_ar = time.perf_counter()
+
+        # 2. DiT: flow matching on VAE latents, prior = target grid upsampled ×2, CFG in one batched call
+        prior = upsample_ids(grid)
+        glyph, glyph_mask = self.glyph.encode(prompts)
+        f = self.cfg.vae_factor
+        noise = torch.randn((b, self.cfg.dit.in_channels, height // f, width // f),
+                            generator=torch.Generator().manual_seed(seed)).to(self.device)
+        cond_kv = None
+        if conds:
+            lat = [self.vae.encode(pil_to_tensor(im).to(self.device)).to(self.dtype) for im, _ in cond_tokens]
+            cond_kv = self.dit.condition_kv(lat, [upsample_ids(ids[None]) for _, ids in cond_tokens],
+                                            [(im.height, im.width) for im, _ in cond_tokens])
+        use_cfg = guidance > 1.0
+        size = torch.tensor([[height, width]] * b, device=self.device, dtype=torch.float32)
+        if use_cfg:
+            neg, neg_mask = self.glyph.encode([""] * b)
+            n = max(glyph.shape[1], neg.shape[1])
+            glyph = torch.cat([F.pad(glyph, (0, 0, 0, n - glyph.shape[1])), F.pad(neg, (0, 0, 0, n - neg.shape[1]))])
+            glyph_mask = torch.cat([F.pad(glyph_mask, (0, n - glyph_mask.shape[1])),
+                                    F.pad(neg_mask, (0, n - neg_mask.shape[1]))])
+            prior2 = torch.cat([prior, prior])
+            drop = torch.tensor([False] * b + [True] * b, device=self.device)
+            size2 = torch.cat([size, size])
+        else:
+            prior2, drop, size2 = prior, torch.zeros(b, dtype=torch.bool, device=self.device), size
+        glyph = glyph.to(self.dtype)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            xx = torch.cat([x, x]) if use_cfg else x
+            tt = torch.cat([t, t]) if use_cfg else t
+            v = self.dit(xx.to(self.dtype), tt, prior_ids=prior2, prior_drop=drop, glyph=glyph,
+                         target_size=size2, glyph_mask=glyph_mask, cond_kv=cond_kv, use_cond=~drop).float()
+            return dsample.cfg_combine(*v.chunk(2), guidance) if use_cfg else v
+
+        sch = self.cfg.schedule
+        ts = dsample.timesteps(steps, sch.num_train_timesteps)
+        mu = dsample.shift_mu((height // f // self.cfg.dit.patch_size) * (width // f // self.cfg.dit.patch_size),
+                              base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
+                              max_shift=sch.max_shift)
+        sigmas = dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps)
+        with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
+            latents = dsample.sample(velocity, noise, ts, sigmas, progress=bar)
+        self._sync()
+        t_dit = time.perf_counter()
+
+        # 3. VAE decode
+        pixels = self.vae.decode(latents)
+        out = to_pil(pixels)
+        self._sync()
+        t_end = time.perf_counter()
+        timings = {"ar": t_ar - t_start, "dit": t_dit - t_ar, "vae": t_end - t_dit, "total": t_end - t_start}
+        return Result(images=out, timings=timings, prior_ids=grid.cpu())
+
+
+def upsample_ids(ids: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) token grid -> nearest ×2 -> (B, 2h*2w) DiT prior ids (raster order)."""
+    return ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).flatten(1)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    return (x.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+
+
