@@ -68,6 +68,14 @@ KEY_MAP: dict[str, list[tuple[str, str]]] = {
         ("proj_out.", "final_layer."),
     ],
 }
+TIED_T5 = "encoder.embed_tokens.weight"  # T5 ties the encoder embedding to shared.weight
+
+
+def _tie_t5(state: dict[str, torch.Tensor]) -> None:
+    if "shared.weight" in state:
+        state[TIED_T5] = state["shared.weight"]
+
+
 IGNORED_OFFICIAL = ("model.vqmodel.post_quant_conv.",)  # exists in the official AR checkpoint, never used
 
 
@@ -102,7 +110,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    out[k] = st.get_tensor(k)
+                    out[k] = st.get_tensor(k).clone()  # fresh, aligned storage: same kernels as a trained model
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"cannot read weight file {f} (truncated or not safetensors?): {e}") from None
     return out
@@ -202,6 +210,8 @@ def save(pipe: Pipeline, path: str | Path, *, dtype: str | None = None) -> Path:
         for name, mod in (("ar", pipe.ar), ("vq", pipe.vq), ("dit", pipe.dit), ("glyph", pipe.glyph.encoder),
                           ("vae", pipe.vae.model)):
             for k, v in mod.state_dict().items():
+                if name == "glyph" and k == TIED_T5:
+                    continue  # tied to shared.weight; restored on load
                 v = v.detach().to("cpu")
                 tensors[f"{name}.{k}"] = (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
@@ -233,6 +243,7 @@ def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pip
         if comp not in state:
             raise ValueError(f"{weights}: unexpected tensor {k}")
         state[comp][rest] = v
+    _tie_t5(state["glyph"])
     return build(cfg, TextTokenizer.from_file(path / "tokenizer.json"), device=device, dtype=dtype, state=state)
 
 
@@ -334,8 +345,93 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
     if unknown:
         raise ValueError(f"{root}: tensors with no counterpart in glmimage: {unknown[:5]}")
     state["glyph"] = read_safetensors(_weight_files(root / "text_encoder", "model"))
-    if "encoder.embed_tokens.weight" not in state["glyph"] and "shared.weight" in state["glyph"]:
-        state["glyph"]["encoder.embed_tokens.weight"] = state["glyph"]["shared.weight"]  # tied in T5
+    _tie_t5(state["glyph"])
     state["vae"] = read_safetensors(_weight_files(root / "vae", "diffusion_pytorch_model"))
     tok = TextTokenizer.from_file(root / "processor" / "tokenizer.json")
     return build(cfg, tok, device=device, dtype=dtype, state=state)
+
+
+def export_official(pipe: Pipeline, path: str | Path) -> Path:
+    """Write the official diffusers layout so that `GlmImagePipeline.from_pretrained(path)` loads these weights.
+
+    Builds the reference classes (transformers + diffusers) on the meta device, assigns our tensors under the
+    official names and lets the libraries write their own configs.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
+    from transformers import (ByT5Tokenizer, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor,
+                              PreTrainedTokenizerFast)
+    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
+
+    from glmimage.tokenizer.text import GRID_BOS, GRID_EOS, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, PAD
+
+    cfg, tok = pipe.cfg, pipe.tokenizer
+    if cfg.vq.downsample != 2 or cfg.stride != 32 or cfg.preview_side != 16:
+        raise ValueError("the official layout hard-codes a 32-px token stride, a halved tokenizer input and a 16-side "
+                         f"preview grid; this model has stride {cfg.stride}, downsample {cfg.vq.downsample}, "
+                         f"preview {cfg.preview_side}")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tok, bos_token=IMAGE_START, eos_token=IMAGE_END,
+                                     pad_token=PAD, image_token=IMAGE_PLACEHOLDER, grid_bos_token=GRID_BOS,
+                                     grid_eos_token=GRID_EOS, padding_side="left")
+    template = ("{%- for m in messages -%}{%- if m.content is string -%}{{ m.content }}{%- else -%}"
+                "{%- for item in m.content -%}{%- if item.type == 'image' -%}" + IMAGE_START + IMAGE_PLACEHOLDER
+                + IMAGE_END + "{%- elif item.type == 'text' -%}{{ item.text }}{%- endif -%}{%- endfor -%}"
+                "{%- endif -%}{%- endfor -%}")
+    hf_tok.chat_template = template
+    image_processor = GlmImageImageProcessorPil(
+        patch_size=cfg.vq.patch_size, temporal_patch_size=1, merge_size=1, image_mean=list(cfg.vq.image_mean),
+        image_std=list(cfg.vq.image_std), size={"shortest_edge": cfg.vq.min_pixels, "longest_edge": cfg.vq.max_pixels})
+    processor = GlmImageProcessor(image_processor=image_processor, tokenizer=hf_tok, chat_template=template)
+    a, v = cfg.ar, cfg.vq
+    hf_cfg = GlmImageConfig(
+        text_config=dict(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.intermediate_size,
+                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                         rms_norm_eps=a.norm_eps, vision_vocab_size=a.vision_vocab_size, pad_token_id=tok.pad_id,
+                         eos_token_id=tok.image_end_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta,
+                                          "partial_rotary_factor": a.partial_rotary_factor,
+                                          "mrope_section": list(a.mrope_section)}),
+        vision_config=dict(depth=v.n_layers, hidden_size=v.dim, num_heads=v.n_heads,
+                           intermediate_size=v.intermediate_size, patch_size=v.patch_size,
+                           image_size=v.pos_grid * v.patch_size, spatial_merge_size=1, layer_norm_eps=v.norm_eps),
+        vq_config=dict(embed_dim=v.code_dim, num_embeddings=v.codebook_size, latent_channels=v.dim),
+        image_token_id=tok.image_placeholder_id, image_start_token_id=tok.image_start_id,
+        image_end_token_id=tok.image_end_id)
+    d = cfg.dit
+    with torch.device("meta"):
+        vle = GlmImageForConditionalGeneration(hf_cfg)
+        dit = GlmImageTransformer2DModel(
+            patch_size=d.patch_size, in_channels=d.in_channels, out_channels=d.in_channels, num_layers=d.n_layers,
+            attention_head_dim=d.head_dim, num_attention_heads=d.n_heads, text_embed_dim=d.glyph_dim,
+            time_embed_dim=d.time_embed_dim, condition_dim=d.condition_dim, prior_vq_quantizer_codebook_size=d.codebook_size)
+    state = {}
+    for comp, mod in (("ar", pipe.ar), ("vq", pipe.vq)):
+        for k, t in mod.state_dict().items():
+            t = t.detach().cpu().float()
+            state[map_key(k, comp, to_official=True)] = t[:, :, None, None] if k == "quant_proj.weight" else t
+    state["model.vqmodel.post_quant_conv.weight"] = torch.zeros(v.dim, v.code_dim, 1, 1)  # unused by design
+    state["model.vqmodel.post_quant_conv.bias"] = torch.zeros(v.dim)
+    vle.load_state_dict(state, strict=True, assign=True)
+    vle.eval()
+    gc = vle.generation_config
+    gc.do_sample, gc.temperature, gc.top_p = True, cfg.sampling.temperature, cfg.sampling.top_p
+    if cfg.sampling.top_k is not None:
+        gc.top_k = cfg.sampling.top_k
+    gc.pad_token_id, gc.eos_token_id = tok.pad_id, tok.image_end_id
+    dit.load_state_dict({map_key(k, "dit", to_official=True): t.detach().cpu().float()
+                         for k, t in pipe.dit.state_dict().items()}, strict=True, assign=True)
+    s = cfg.schedule
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=s.num_train_timesteps, use_dynamic_shifting=True, base_shift=s.base_shift,
+        max_shift=s.max_shift, base_image_seq_len=s.base_image_seq_len, max_image_seq_len=4096,
+        time_shift_type="linear")
+    ref = GlmImagePipeline(tokenizer=ByT5Tokenizer(), processor=processor, text_encoder=pipe.glyph.encoder,
+                           vision_language_encoder=vle, vae=pipe.vae.model, transformer=dit.eval(), scheduler=scheduler)
+    final = Path(path)
+    tmp = _atomic_dir(final)
+    try:
+        ref.save_pretrained(tmp)
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -136,8 +136,9 @@ class Pipeline:
         """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt."""
         sc = self.cfg.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height, width = height or sc.height, width or sc.width
-        steps = num_inference_steps or sc.num_inference_steps
+        height = sc.height if height is None else height
+        width = sc.width if width is None else width
+        steps = sc.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
         self.validate(prompts, height, width, steps)
         conds = [load_image(im) for im in (images or [])]

@@ -1,0 +1,5 @@
+import sys
+
+from glmimage.cli import main
+
+sys.exit(main())

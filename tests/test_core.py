@@ -1,0 +1,244 @@
+"""Unit tests of the engine on the debug preset: caches, batching, schedule, save/load, presets, bad input, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import glmimage
+from glmimage.ar import generate as argen
+from glmimage.cli import main as cli
+from glmimage.config import preset
+from glmimage.dit import sample as dsample
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return glmimage.load("debug", device="cpu")
+
+
+def test_cached_and_uncached_logits_are_equal(pipe):
+    lay = argen.layout_prompt(pipe.tokenizer, "a red circle", target=(2, 3), preview=(3, 2))
+    torch.manual_seed(0)
+    ar = pipe.ar
+    new = torch.randint(0, pipe.cfg.vq.codebook_size, (lay.num_new,))
+    ids = torch.cat([lay.ids, new])[None]
+    pos = torch.cat([lay.pos, lay.decode_pos], dim=1)[:, None]
+    n = ids.shape[1]
+    with torch.no_grad():
+        full = ar(ids, pos, torch.ones(n, n, dtype=torch.bool).tril()[None, None])
+        ar.setup_caches(1, n)
+        t = lay.ids.numel()
+        slots = torch.arange(n)
+        steps = [argen.prefill(ar, ids[:, :t], pos[:, :, :t], torch.ones(1, n, dtype=torch.bool))]
+        for i in range(t, n):
+            mask = (slots <= i)[None, None, None]
+            steps.append(argen.decode_one_token(ar, ids[:, i], pos[:, :, i:i + 1], mask, torch.tensor([i])))
+    assert full.std() > 1e-3
+    torch.testing.assert_close(torch.stack(steps[:-1], dim=1), full[:, t - 1:n - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_generation_equals_single(pipe):
+    prompts = ["a red circle 'HI'", "two blue squares on a long long long background"]
+    batch = pipe(prompts, greedy=True, num_inference_steps=3, progress=False)
+    for i, p in enumerate(prompts):  # different prompt lengths: left padding must not leak into the result
+        one = pipe(p, greedy=True, num_inference_steps=3, progress=False)
+        assert torch.equal(one.prior_ids[0], batch.prior_ids[i])
+    # the batch draws its noise like diffusers (one generator, sample after sample): item 0 sees the same noise
+    diff = np.abs(np.asarray(one.images[0]).astype(int) - np.asarray(batch.images[1]).astype(int)).max()
+    first = pipe(prompts[0], greedy=True, num_inference_steps=3, progress=False)
+    assert np.abs(np.asarray(first.images[0]).astype(int) - np.asarray(batch.images[0]).astype(int)).max() <= 1
+    assert diff > 1
+
+
+def test_sampling_is_seeded_and_varies(pipe):
+    a = pipe("a star", seed=1, num_inference_steps=2, progress=False)
+    b = pipe("a star", seed=1, num_inference_steps=2, progress=False)
+    c = pipe("a star", seed=2, num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert argen.sample(logits, greedy=True).item() == 3
+    g = torch.Generator().manual_seed(0)
+    draws = {argen.sample(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {2, 3}
+    draws = {argen.sample(logits, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert draws == {3}  # p(3) = 0.64 > 0.5 alone
+
+
+def test_condition_kv_rows_and_glyph_padding_are_masked(pipe):
+    """Rows that skip the condition cache equal a call without it; masked glyph padding equals no padding."""
+    dit = pipe.dit
+    torch.manual_seed(0)
+    cb, c, gd = pipe.cfg.dit.codebook_size, pipe.cfg.dit.in_channels, pipe.cfg.dit.glyph_dim
+    with torch.no_grad():
+        for p in dit.parameters():  # the training init zeroes gates; make every path count
+            p.add_(torch.randn_like(p) * 0.05)
+        x, ids, t = torch.randn(1, c, 4, 4), torch.randint(0, cb, (1, 4)), torch.tensor([300.0])
+        size, g = torch.tensor([[32.0, 32.0]]), torch.randn(1, 3, gd)
+        kv = dit.condition_kv([torch.randn(1, c, 4, 4)], [torch.randint(0, cb, (1, 4))], [(32, 32)])
+        kw = dict(prior_ids=ids, prior_drop=torch.tensor([False]), target_size=size)
+        plain = dit(x, t, glyph=g, **kw)
+        with_kv = dit(x, t, glyph=g, cond_kv=kv, **kw)
+        kw2 = dict(prior_ids=ids.repeat(2, 1), prior_drop=torch.tensor([False, False]), target_size=size.repeat(2, 1))
+        both = dit(x.repeat(2, 1, 1, 1), t.repeat(2), glyph=g.repeat(2, 1, 1), cond_kv=kv,
+                   use_cond=torch.tensor([True, False]), **kw2)
+        padded = torch.cat([g, torch.randn(1, 2, gd)], dim=1)
+        masked = dit(x, t, glyph=padded, glyph_mask=torch.tensor([[True] * 3 + [False] * 2]), **kw)
+    torch.testing.assert_close(both[0], with_kv[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-5)
+    assert (with_kv - plain).abs().max() > 1e-4
+
+
+def test_schedule_endpoints():
+    ts = dsample.timesteps(50)
+    assert ts[0] == 1000 and ts[-1] == 20 and len(ts) == 50
+    mu = dsample.shift_mu(4096)
+    assert mu == pytest.approx(3.25)
+    s = dsample.shifted_sigmas(ts, mu)
+    assert s[0] == pytest.approx(1.0) and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
+    assert s[1] == pytest.approx(0.9938, abs=1e-4)  # published 1024² schedule: 1.0, 0.9938, 0.9873, ...
+    with pytest.raises(ValueError):
+        dsample.timesteps(0)
+
+
+def test_official_parameter_counts():
+    """The glm-image preset on the meta device has the official sizes (AR side 10.11 B, DiT 6.93 B)."""
+    from glmimage.ar.model import ARModel
+    from glmimage.dit.model import DiT
+    from glmimage.tokenizer.vq import VisualTokenizer
+
+    cfg = preset("glm-image")
+    with torch.device("meta"):
+        ar, vq, dit = ARModel(cfg.ar), VisualTokenizer(cfg.vq), DiT(cfg.dit)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    post_quant_conv = cfg.vq.code_dim * cfg.vq.dim + cfg.vq.dim  # in the official file, never used; we drop it
+    assert count(ar) + count(vq) + post_quant_conv == 10_114_245_632
+    assert count(dit) == 6_926_882_880
+    assert round((count(ar) + count(vq)) / 1e9, 2) == 10.11
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    glmimage.save(pipe, tmp_path / "m")
+    again = glmimage.load(tmp_path / "m", device="cpu")
+    a = pipe("a 'HI' sign", seed=3, num_inference_steps=3, progress=False)
+    b = again("a 'HI' sign", seed=3, num_inference_steps=3, progress=False)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert again.cfg == pipe.cfg
+    glmimage.save(again, tmp_path / "m")  # overwrite in place keeps a loadable folder
+    assert glmimage.load(tmp_path / "m", device="cpu").cfg == pipe.cfg
+
+
+def test_timings_and_shapes(pipe):
+    r = pipe(["a", "b"], height=96, width=64, num_inference_steps=2, progress=False)
+    assert [im.size for im in r.images] == [(64, 96)] * 2
+    assert set(r.timings) == {"ar", "dit", "vae", "total"} and all(v >= 0 for v in r.timings.values())
+    assert r.prior_ids.shape == (2, 3, 2)
+
+
+def test_image_to_image_runs_with_different_sizes(pipe, tmp_path):
+    a = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype("uint8"))
+    b = Image.fromarray((np.random.RandomState(1).rand(100, 70, 3) * 255).astype("uint8"))  # resized to the grid
+    b.save(tmp_path / "b.png")
+    r = pipe("combine", images=[a, tmp_path / "b.png"], num_inference_steps=2, progress=False)
+    assert r.images[0].size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError naming what is valid
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=""), "non-empty"),
+    (dict(prompt=["ok", "  "]), "non-empty"),
+    (dict(prompt="x", height=50), "multiple of the model's token stride 32"),
+    (dict(prompt="x", width=0), "multiple"),
+    (dict(prompt="x", height=32, width=256), "aspect ratio"),
+    (dict(prompt="x", num_inference_steps=0), ">= 1"),
+])
+def test_bad_generation_arguments(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs, progress=False)
+
+
+def test_unreadable_condition_image(pipe, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read condition image"):
+        pipe("x", images=[tmp_path / "bad.png"], progress=False)
+    with pytest.raises(ValueError, match="cannot read condition image"):
+        pipe("x", images=[tmp_path / "missing.png"], progress=False)
+
+
+def test_bad_checkpoints(pipe, tmp_path):
+    glmimage.save(pipe, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        glmimage.load(tmp_path / "m", device="cpu")
+    weights.unlink()
+    with pytest.raises(ValueError, match="not found"):
+        glmimage.load(tmp_path / "m", device="cpu")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "m" / "model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        glmimage.load(tmp_path / "m", device="cpu")
+    with pytest.raises(ValueError, match="pickle"):
+        glmimage.load(tmp_path / "m" / "model.bin", device="cpu")
+    # a checkpoint whose config says one size and whose tensors have another
+    glmimage.save(pipe, tmp_path / "n")
+    cfg = json.loads((tmp_path / "n" / "config.json").read_text())
+    cfg["dit"]["n_heads"] = 8
+    (tmp_path / "n" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="has shape"):
+        glmimage.load(tmp_path / "n", device="cpu")
+    (tmp_path / "n" / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        glmimage.load(tmp_path / "n", device="cpu")
+
+
+@pytest.mark.parametrize("name,match", [("nope", "debug, glm-image"), ("debug", None)])
+def test_load_names(name, match, tmp_path):
+    if match:
+        with pytest.raises(ValueError, match=match):
+            glmimage.load(name, device="cpu")
+    with pytest.raises(ValueError, match="valid: auto, cpu, cuda, npu, mps"):
+        glmimage.load("debug", device="tpu")
+    with pytest.raises(ValueError, match="valid: float32"):
+        glmimage.load("debug", device="cpu", dtype="int3")
+
+
+def test_bfloat16_runs(pipe):
+    bf = glmimage.load("debug", device="cpu", dtype="bfloat16")
+    r = bf("a red circle", num_inference_steps=2, progress=False)
+    assert np.isfinite(np.asarray(r.images[0])).all() and r.images[0].size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_cli_generate_edit_convert(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert cli(["generate", "a red circle 'HI'", "-o", str(out), "--size", "96x64", "--steps", "2", "--quiet"]) == 0
+    assert Image.open(out).size == (96, 64)
+    assert "timings: ar" in capsys.readouterr().out
+    assert cli(["edit", "--image", str(out), "--image", str(out), "make it blue", "-o", str(tmp_path / "b.png"),
+                "--steps", "2", "--quiet", "--n", "2"]) == 0
+    assert Image.open(tmp_path / "b_1.png").size == (64, 64)
+    assert cli(["convert", "debug", str(tmp_path / "own")]) == 0
+    assert cli(["generate", "x", "--model", str(tmp_path / "own"), "-o", str(tmp_path / "c.png"), "--steps", "1",
+                "--quiet"]) == 0
+    assert cli(["generate", "x", "--size", "50x64", "-o", str(tmp_path / "d.png")]) == 2
+    assert "multiple of the model's token stride" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        cli(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--size", "--steps", "--guidance", "--seed", "--greedy", "--device", "--dtype"):
+        assert flag in text
