@@ -32,6 +32,7 @@ from glmimage.world.scene import Scene, relation_of, scene_kind, text_relation
 BORDER = 2  # px of the border used to fit the background
 FG_THRESHOLD = 15.0  # ΔE from the background that makes a pixel foreground
 SMOOTH = 0.5  # px, Gaussian smoothing of the distance map before the half-maximum cut
+MIN_PEAK = 30.0  # a component must reach this ΔE (90th percentile) to count as an object
 MIN_AREA = 0.004  # components smaller than this fraction of the image are noise
 OCR_WIDTH, OCR_PAD = 384, 24
 CATEGORIES = ("count", "object", "colour", "position", "binding", "background", "relation")
@@ -85,7 +86,7 @@ def fit_background(lab: np.ndarray) -> np.ndarray:
     return (design @ coef).astype(np.float32)
 
 
-BLURS = (0.0, 0.7, 1.4)  # px; each shape is also matched as it looks after this much blur at half-maximum
+BLURS = (0.0, 0.7, 1.4)  # px at 64 px (scaled with the image); shapes are also matched as they look after this blur
 
 
 @lru_cache(maxsize=16384)
@@ -105,13 +106,14 @@ def shape_template(name: str, w: int, h: int, blur: float) -> np.ndarray:
 def classify_shape(mask: np.ndarray) -> str:
     """Binary mask (H, W) of one object → the shape whose (blurred) template, stretched to the mask's box,
     has the highest IoU with it."""
+    scale = max(1.0, mask.shape[0] / 64)
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     h, w = crop.shape
     best, best_iou = "circle", -1.0
     for name in SHAPE_OUTLINES:
         for blur in BLURS:
-            template = shape_template(name, w, h, blur)
+            template = shape_template(name, w, h, round(blur * scale, 2))
             iou = np.logical_and(template, crop).sum() / max(1, np.logical_or(template, crop).sum())
             if iou > best_iou:
                 best, best_iou = name, iou
@@ -133,33 +135,37 @@ def _cell(x: float, y: float) -> tuple[int, int]:
 
 def detect_objects(image: Image.Image | np.ndarray, *,
                    ignore_bands: Sequence[tuple[int, int]] = ()) -> list[Detection]:
-    """Shapes in an image, skipping components centred in the given row bands (y0, y1) in pixels (text)."""
+    """Shapes in an image, skipping those centred in the given row bands (y0, y1) in pixels (where text is)."""
     lab = to_lab(image)
     h, w, _ = lab.shape
     dist = np.linalg.norm(lab - fit_background(lab), axis=-1)  # (H, W)
-    fg = cv2.morphologyEx((dist > FG_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
     smooth = cv2.GaussianBlur(dist, (0, 0), SMOOTH)  # less pixel noise on the half-maximum edge
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    fg = cv2.morphologyEx((dist > FG_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     out = []
     for k in range(1, n):
         if stats[k, cv2.CC_STAT_AREA] < MIN_AREA * h * w:
             continue
-        if any(y0 <= centroids[k][1] < y1 for y0, y1 in ignore_bands):
-            continue
         comp = labels == k
         peak = float(np.percentile(dist[comp], 90))
-        # Half-maximum edge: keeps the geometry under blur; limited to a 1-px ring so neighbours stay out.
+        if peak < MIN_PEAK:  # a faint blotch, not an object (objects differ from the background by ≥ 45)
+            continue
+        # Half-maximum edge: keeps the geometry under blur, and splits shapes that blur merged into one component.
         near = cv2.dilate(comp.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        core = near & (smooth > 0.5 * peak)
-        m, core_labels, core_stats, _ = cv2.connectedComponentsWithStats(core.astype(np.uint8), connectivity=8)
-        if m > 2:
-            core = core_labels == 1 + int(np.argmax(core_stats[1:, cv2.CC_STAT_AREA]))
-        ys, xs = np.nonzero(core)
-        cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
-        inner = core & (dist > 0.8 * peak)
-        color = name_color(np.median(lab[inner if inner.any() else core], axis=0))
-        out.append(Detection(shape=classify_shape(core), color=color, cell=_cell(cx, cy), center=(cx, cy),
-                             area=float(core.sum()) / (h * w)))
+        m, pieces, piece_stats, _ = cv2.connectedComponentsWithStats((near & (smooth > 0.5 * peak)).astype(np.uint8),
+                                                                     connectivity=8)
+        for j in range(1, m):
+            if piece_stats[j, cv2.CC_STAT_AREA] < MIN_AREA * h * w:
+                continue
+            core = pieces == j
+            ys, xs = np.nonzero(core)
+            cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+            if any(y0 <= cy * h < y1 for y0, y1 in ignore_bands):
+                continue
+            inner = core & (dist > 0.8 * peak)
+            color = name_color(np.median(lab[inner if inner.any() else core], axis=0))
+            out.append(Detection(shape=classify_shape(core), color=color, cell=_cell(cx, cy), center=(cx, cy),
+                                 area=float(core.sum()) / (h * w)))
     return out
 
 
