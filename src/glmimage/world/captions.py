@@ -5,7 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from glmimage.world.scene import FONT_STYLES, INVERSE, Background, Scene, Shape, Text, relation_of, scene_kind, text_relation
+from glmimage.world.scene import (
+    FONT_STYLES,
+    INVERSE,
+    Background,
+    Scene,
+    Shape,
+    Text,
+    relation_of,
+    scene_kind,
+    text_relation,
+)
 
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}
 CELL_PHRASES: dict[tuple[int, int], str] = {

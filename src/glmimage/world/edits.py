@@ -97,9 +97,12 @@ def _move(rng: random.Random, scene: Scene) -> tuple[str, Scene] | None:
     i, cell = rng.choice(indices), rng.choice(cells)
     old = scene.objects[i]
     others = [s for j, s in enumerate(scene.objects) if j != i and isinstance(s, Shape)]
-    ref = rng.choice(references(scene, i))
-    phrasing = rng.choice([f"move {ref} {MOVE_PHRASES[cell]}", f"put {ref} {CELL_PHRASES[cell]}",
-                           f"place {ref} {CELL_PHRASES[cell]} instead", f"shift {ref} {MOVE_PHRASES[cell]}"])
+    refs = references(scene, i)
+    ref = rng.choice(refs)
+    phrasings = [f"move {ref} {MOVE_PHRASES[cell]}", f"shift {ref} {MOVE_PHRASES[cell]}"]
+    if ref != refs[0]:  # "put the star in the top left corner" reads badly after "the star in the center"
+        phrasings += [f"put {ref} {CELL_PHRASES[cell]}", f"place {ref} {CELL_PHRASES[cell]} instead"]
+    phrasing = rng.choice(phrasings)
     return phrasing, _set(scene, i, place(rng, replace(old, cell=cell, offset=(0.0, 0.0)), others))
 
 

@@ -6,13 +6,13 @@ import math
 import os
 import textwrap
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from glmimage.world.colors import color_rgb
-from glmimage.world.scene import FONT_STYLES, Scene, Shape, Text
+from glmimage.world.scene import Scene, Shape, Text
 
 SUPERSAMPLE = 4
 MIN_SIZE = 32
@@ -25,9 +25,12 @@ FONT_FILES: dict[str, str | None] = {
     "dejavu-serif": "DejaVuSerif.ttf",
     "dejavu-mono": "DejaVuSansMono.ttf",
 }
-assert FONT_FILES.keys() == FONT_STYLES.keys()
 # Per text row: centre y, and the largest ink (width, height), all as fractions of the image side.
-TEXT_LAYOUT: dict[int, tuple[float, float, float]] = {0: (0.17, 0.88, 0.24), 1: (0.5, 0.88, 0.45), 2: (0.83, 0.88, 0.24)}
+TEXT_LAYOUT: dict[int, tuple[float, float, float]] = {
+    0: (0.17, 0.88, 0.24),
+    1: (0.5, 0.88, 0.45),
+    2: (0.83, 0.88, 0.24),
+}
 # Per text row: the horizontal band (y0, y1) that holds the text and no shape; judges read text there.
 TEXT_BANDS: dict[int, tuple[float, float]] = {0: (0.0, 0.38), 1: (0.15, 0.85), 2: (0.62, 1.0)}
 
@@ -64,7 +67,7 @@ SHAPE_OUTLINES: dict[str, list[tuple[float, float]]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def font_path(name: str) -> str | None:
     """The TrueType file of a font on this machine, or None for Pillow's built-in font."""
     if name not in FONT_FILES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from glmimage.world.colors import MIN_CONTRAST, MIN_TEXT_LIGHTNESS, PALETTE, color_rgb, lab_distance, mix, rgb_to_lab
 
@@ -145,7 +145,7 @@ class Scene:
     """Background plus objects; shapes come first in sampled scenes and the first shape is a caption's subject."""
 
     background: Background
-    objects: tuple[Shape | Text, ...] = field(default_factory=tuple)
+    objects: tuple[Shape | Text, ...] = ()
 
     @property
     def shapes(self) -> tuple[Shape, ...]:
