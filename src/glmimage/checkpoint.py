@@ -3,6 +3,7 @@ layout (GlmImagePipeline folders, sharded safetensors), and export back to it. N
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -132,13 +133,17 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _atomic_dir(final: Path):
-    """Write into a temp folder beside `final`, then swap it in with renames (the old copy survives a crash)."""
+@contextlib.contextmanager
+def _atomic_folder(final: Path):
+    """Yield a temp folder beside `final`; on success swap it in with renames (the old copy survives a crash),
+    on failure remove it."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -203,9 +208,8 @@ def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "floa
 def save(pipe: Pipeline, path: str | Path, *, dtype: str | None = None) -> Path:
     """Write config.json, tokenizer.json and model.safetensors (all components, prefixed) atomically."""
     final = Path(path)
-    tmp = _atomic_dir(final)
-    try:
-        dt = resolve_dtype(dtype) if dtype else None
+    dt = resolve_dtype(dtype) if dtype else None
+    with _atomic_folder(final) as tmp:
         tensors = {}
         for name, mod in (("ar", pipe.ar), ("vq", pipe.vq), ("dit", pipe.dit), ("glyph", pipe.glyph.encoder),
                           ("vae", pipe.vae.model)):
@@ -217,10 +221,6 @@ def save(pipe: Pipeline, path: str | Path, *, dtype: str | None = None) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **pipe.cfg.to_dict()}, indent=2))
         pipe.tokenizer.save(tmp / "tokenizer.json")
-        _commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -427,11 +427,6 @@ def export_official(pipe: Pipeline, path: str | Path) -> Path:
     ref = GlmImagePipeline(tokenizer=ByT5Tokenizer(), processor=processor, text_encoder=pipe.glyph.encoder,
                            vision_language_encoder=vle, vae=pipe.vae.model, transformer=dit.eval(), scheduler=scheduler)
     final = Path(path)
-    tmp = _atomic_dir(final)
-    try:
+    with _atomic_folder(final) as tmp:
         ref.save_pretrained(tmp)
-        _commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
