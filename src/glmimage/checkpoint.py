@@ -69,6 +69,7 @@ KEY_MAP: dict[str, list[tuple[str, str]]] = {
         ("proj_out.", "final_layer."),
     ],
 }
+EMBEDDED = Path(__file__).parent / "assets" / "world"  # the shipped world model (glmimage format, fp16)
 TIED_T5 = "encoder.embed_tokens.weight"  # T5 ties the encoder embedding to shared.weight
 
 
@@ -186,6 +187,11 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
 def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
     """Load a pipeline: a preset name (random weights), our own folder, or an official diffusers-layout folder."""
     p = Path(path_or_preset)
+    if isinstance(path_or_preset, str) and not p.exists() and path_or_preset == "world":
+        if not (EMBEDDED / "config.json").is_file():
+            raise ValueError(f"the embedded world model is missing from this install ({EMBEDDED}); "
+                             "train it with `glmimage train all --preset world --ship <dir>` and pass --model <dir>")
+        return load_own(EMBEDDED, device=device, dtype=dtype)
     if isinstance(path_or_preset, str) and not p.exists() and path_or_preset in ("debug", "glm-image"):
         cfg = preset(path_or_preset)
         return build(cfg, TextTokenizer.byte_level(cfg.vq.codebook_size), device=device, dtype=dtype)
@@ -194,7 +200,8 @@ def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "floa
             raise ValueError(f"{p}: pickle checkpoints are never loaded; give a glmimage or diffusers folder")
         raise ValueError(f"{p} is a file; give a model folder (glmimage format or official diffusers layout)")
     if not p.is_dir():
-        raise ValueError(f"model not found: {path_or_preset!r}; give a folder or a preset: debug, glm-image")
+        raise ValueError(f"model not found: {path_or_preset!r}; give a folder, 'world' (the embedded model) or a "
+                         "random-weight preset: debug, glm-image")
     if (p / "model_index.json").is_file():
         return load_official(p, device=device, dtype=dtype)
     if (p / "config.json").is_file():

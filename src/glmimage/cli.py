@@ -1,11 +1,11 @@
-"""Command line: `glmimage generate | edit | convert`."""
+"""Command line: `glmimage generate | edit | convert | train | eval`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "debug"  # until the embedded world model ships
+DEFAULT_MODEL = "world"  # the embedded model (glmimage/assets/world), trained on the synthetic world
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="what to draw; text to render goes in quotes, e.g. a sign that says 'OPEN'")
     p.add_argument("-o", "--output", default="out.png", help="output PNG path; with --n > 1, _0, _1, ... are added")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model folder (glmimage format or official diffusers layout) or preset: debug, glm-image")
+                   help="model folder (glmimage format or official diffusers layout), 'world' (the embedded model, "
+                   "default) or a random-weight preset: debug, glm-image")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels, multiples of the model's "
                    "token stride (32 px for GLM-Image); default: the model's own size")
     p.add_argument("--steps", type=int, default=None, help="DiT denoising steps (default: model's, 50 for GLM-Image)")
@@ -57,6 +58,45 @@ def _run(args: argparse.Namespace, images: list[str] | None) -> None:
     print(f"timings: ar {t['ar']:.2f}s  dit {t['dit']:.2f}s  vae {t['vae']:.2f}s  total {t['total']:.2f}s")
 
 
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _train(args: argparse.Namespace) -> None:
+    from glmimage import train
+
+    overrides = {"out": args.out, **_parse_set(args.set)}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.threads:
+        overrides["threads"] = args.threads
+    recipe = "quick" if args.quick else "world"
+    if args.stage == "all":
+        path = train.run("all", recipe, **overrides)
+    else:
+        if args.stage == "data":
+            overrides = {k: v for k, v in overrides.items() if k != "steps"}
+        path = train.run(args.stage, recipe, **overrides)
+    if args.ship:
+        from glmimage.train.assemble import assemble
+
+        path = assemble(args.out, dest=args.ship)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glmimage", description="GLM-Image-style generation: an AR model writes "
                                      "semantic image tokens, a DiT paints the pixels, a glyph encoder renders text.")
@@ -73,6 +113,30 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dst", help="output folder")
     c.add_argument("--to", choices=["glmimage", "official"], default="glmimage", help="output format")
     c.add_argument("--dtype", default=None, help="store weights in this dtype (glmimage format only)")
+    t = sub.add_parser("train", help="train a stage of the world model (or all of them)",
+                       description="Train one stage (data, vae, tokenizer, ar, dit) or all of them in order; every "
+                       "stage resumes from <out>/<stage>/ckpt when it is there.")
+    t.add_argument("stage", choices=["data", "vae", "tokenizer", "ar", "dit", "all"])
+    t.add_argument("--preset", default="world", choices=["world"], help="model geometry and recipe")
+    t.add_argument("--quick", action="store_true", help="a few steps per stage on a tiny dataset (smoke test)")
+    t.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
+    t.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field of the stage config, e.g. --set lr=3e-4 --set batch_size=32")
+    t.add_argument("--ship", default=None, metavar="DIR", help="after `all`: also write the fp16 model folder here")
+    ev = sub.add_parser("eval", help="judge a model on the world's held-out prompts and edits",
+                        description="Generate held-out world prompts and edit pairs and score them with the OCR and "
+                        "OpenCV judges; prints a table and writes <out>/world_eval.json.")
+    ev.add_argument("suite", choices=["world"])
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="model folder or 'world' (the embedded model)")
+    ev.add_argument("--n", type=int, default=40, help="held-out prompts per scene kind (5 kinds)")
+    ev.add_argument("--edits", type=int, default=100, help="held-out edit pairs")
+    ev.add_argument("--steps", type=int, default=None, help="DiT steps (default: the model's)")
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--temperature", type=float, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="runs/eval", help="folder for world_eval.json and the sample sheets")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -86,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
             path = glmimage.save(pipe, args.dst, dtype=args.dtype) if args.to == "glmimage" else \
                 glmimage.export_official(pipe, args.dst)
             print(f"wrote {path}")
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "eval":
+            import glmimage
+            from glmimage.eval.world import EvalConfig, evaluate, format_table
+
+            if args.n < 0 or args.edits < 0 or args.n + args.edits == 0:
+                raise ValueError("--n and --edits must be >= 0 and not both 0")
+            pipe = glmimage.load(args.model, device="cpu")
+            report = evaluate(pipe, EvalConfig(n_per_kind=args.n, n_edits=args.edits, seed=args.seed,
+                                               steps=args.steps, guidance=args.guidance,
+                                               temperature=args.temperature, out=args.out))
+            print(format_table(report))
+            print(f"wrote {Path(args.out) / 'world_eval.json'}")
     except ValueError as err:
         print(f"glmimage: error: {err}", file=sys.stderr)
         return 2

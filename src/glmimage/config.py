@@ -108,6 +108,32 @@ def _debug() -> ModelConfig:
     )
 
 
+def _world() -> ModelConfig:
+    """The embedded model (README "World model geometry"): 64 px images, AR grid 4×4 (+2×2 preview) at 16 px per id
+    (the tokenizer reads full resolution: its objects are 12–17 px), VAE 4× down to 16×16×8 latents, DiT patch 2 ->
+    8×8 image tokens (8 px each); prompts in a 512-merge BPE trained on the world's captions (train/ar.py)."""
+    codebook = 1456  # the world's 1452 semantic codes (train/data.py token_codes), rounded up to a multiple of 16
+    return ModelConfig(
+        ar=ARConfig(vocab_size=codebook + 6 + 256 + 512, vision_vocab_size=codebook, dim=256, n_layers=6, n_heads=4,
+                    n_kv_heads=2, intermediate_size=512, mrope_section=(4, 6, 6)),
+        vq=VQConfig(dim=128, n_layers=6, n_heads=4, intermediate_size=512, patch_size=16, pos_grid=8, downsample=1,
+                    codebook_size=codebook, code_dim=32, min_pixels=64 * 64, max_pixels=256 * 256),
+        dit=DiTConfig(in_channels=8, patch_size=2, n_layers=6, n_heads=4, head_dim=64, glyph_dim=128,
+                      time_embed_dim=96, condition_dim=32, codebook_size=codebook),
+        glyph=dict(vocab_size=384, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=64, dropout_rate=0.0, tie_word_embeddings=False),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=[32, 64, 64],
+                 layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 3,
+                 up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=16, mid_block_add_attention=False,
+                 use_quant_conv=False, use_post_quant_conv=False, latents_mean=[0.0] * 8, latents_std=[1.0] * 8),
+        preview_side=2,
+        sampling=SamplingConfig(temperature=0.7, top_p=None, top_k=None, num_inference_steps=20,
+                                guidance_scale=1.5, height=64, width=64),
+        schedule=ScheduleConfig(base_image_seq_len=64, base_shift=0.25, max_shift=0.75),
+    )
+
+
 def _official() -> ModelConfig:
     return ModelConfig(ar=ARConfig(**AR_PRESETS["glm-image"]), vq=VQConfig(**VQ_PRESETS["glm-image"]),
                        dit=DiTConfig(**DIT_PRESETS["glm-image"]), glyph=dict(GLYPH_PRESETS["glm-image"]),
@@ -117,7 +143,8 @@ def _official() -> ModelConfig:
 # name -> builder. Parameter counts (meta device, tests/test_config.py):
 #   glm-image: AR side 10.11 B (LM 8.85 B + ViT 1.16 B + VQ 0.04 B + head 0.07 B), DiT 6.93 B, VAE 0.41 B, ByT5 0.22 B
 #   debug:     a few hundred thousand per component; seconds on a CPU
-PRESETS = {"glm-image": _official, "debug": _debug}
+#   world:     the embedded model's geometry (random weights; the trained one ships in glmimage/assets/world)
+PRESETS = {"glm-image": _official, "world": _world, "debug": _debug}
 
 
 def preset(name: str) -> ModelConfig:

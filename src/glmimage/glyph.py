@@ -34,31 +34,46 @@ class GlyphEncoder(nn.Module):
     def dim(self) -> int:
         return self.encoder.config.d_model
 
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable encode (training): prompts -> glyph (B, L, dim) right-padded with zeros, mask (B, L).
+
+        Every quoted string of every prompt is encoded as its own sequence, all in one batched encoder call; a
+        prompt's embeddings are its strings' valid positions, concatenated (no quoted string: the empty string)."""
+        pad = self.tokenizer.pad_token_id
+        seqs, owner = [], []
+        for b, prompt in enumerate(prompts):
+            texts = extract_glyph_texts(prompt) or [""]
+            ids = self.tokenizer(texts, max_length=self.max_length, truncation=True).input_ids
+            # Reference quirk kept for weight compatibility: one pad token is prepended to *every* string when the
+            # number of strings is even (the reference tests the list length, probably meaning the string length).
+            seqs += [[pad] * ((len(ids) + 1) % 2) + x for x in ids]
+            owner += [b] * len(ids)
+        n = max(len(x) for x in seqs)
+        device = self.encoder.shared.weight.device
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in seqs], device=device)
+        batch = torch.tensor([x + [pad] * (n - len(x)) for x in seqs], device=device)
+        hidden = self.encoder(batch, attention_mask=mask).last_hidden_state  # (S, n, dim)
+        per_prompt = [[] for _ in prompts]
+        for s, b in enumerate(owner):
+            per_prompt[b].append(hidden[s, : int(mask[s].sum())])
+        embs = [torch.cat(e) for e in per_prompt]
+        length = max(e.shape[0] for e in embs)
+        out = hidden.new_zeros(len(embs), length, self.dim)
+        valid = torch.zeros(len(embs), length, dtype=torch.bool, device=device)
+        for i, e in enumerate(embs):
+            out[i, : e.shape[0]], valid[i, : e.shape[0]] = e, True
+        return out, valid
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> glyph (B, L, dim) right-padded with zeros, and mask (B, L) bool (True = real token)."""
+        return self(prompts)
+
     @torch.no_grad()
     def encode_one(self, prompt: str) -> torch.Tensor:
         """Prompt -> glyph embeddings (L, dim): every quoted string encoded, valid positions concatenated."""
-        texts = extract_glyph_texts(prompt) or [""]
-        ids = self.tokenizer(texts, max_length=self.max_length, truncation=True).input_ids
-        # Reference quirk kept for weight compatibility: one pad token is prepended to *every* string when the
-        # number of strings is even (the reference tests the list length, probably meaning the string length).
-        pad = self.tokenizer.pad_token_id
-        ids = [[pad] * ((len(ids) + 1) % 2) + x for x in ids]
-        n = max(len(x) for x in ids)
-        device = self.encoder.shared.weight.device
-        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
-        batch = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
-        hidden = self.encoder(batch, attention_mask=mask).last_hidden_state
-        return hidden[mask.bool()]
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> glyph (B, L, dim) right-padded with zeros, and mask (B, L) bool (True = real token)."""
-        embs = [self.encode_one(p) for p in prompts]
-        n = max(e.shape[0] for e in embs)
-        out = embs[0].new_zeros(len(embs), n, self.dim)
-        mask = torch.zeros(len(embs), n, dtype=torch.bool, device=out.device)
-        for i, e in enumerate(embs):
-            out[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
-        return out, mask
+        out, valid = self([prompt])
+        return out[0][valid[0]]
 
 
 GLYPH_PRESETS: dict[str, dict] = {

@@ -70,9 +70,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 input_pos: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, C); cos/sin: (B, 1, T, R); mask: (B, 1, T, S) bool, True = attend -> (B, T, C)."""
+        """x: (B, T, C); cos/sin: (B, 1, T, R); mask: (B, 1, T, S) bool, True = attend (None: causal) -> (B, T, C)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -80,7 +80,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:  # training on right-padded rows: plain causal attention (the fast SDPA kernels)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -141,8 +145,9 @@ class ARModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) ids; pos: (3, B, T) mRoPE positions; mask: (B, 1, T, S) bool; input_pos: (T,) cache slots
-        (None = no cache, S == T) -> logits (B, T, vision_vocab_size)."""
+        """idx: (B, T) ids; pos: (3, B, T) mRoPE positions; mask: (B, 1, T, S) bool, or None for plain causal
+        attention (training, no cache); input_pos: (T,) cache slots (None = no cache, S == T)
+        -> logits (B, T, vision_vocab_size)."""
         x = self.embed_tokens(idx)
         cos, sin = mrope_cos_sin(pos, rotary_dim=self.cfg.rotary_dim, sections=self.cfg.mrope_section,
                                  theta=self.cfg.rope_theta, dtype=x.dtype)

@@ -174,6 +174,21 @@ class DiT(nn.Module):
         p = self.cfg.patch_size
         return out.view(b, h, w, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, h * p, w * p)
 
+    def condition_kv_batched(self, latents: torch.Tensor, prior_ids: torch.Tensor,
+                             target_size: torch.Tensor) -> list[KV]:
+        """One condition image per row, differentiable (training): latents (B, C, H, W), prior_ids (B, N),
+        target_size (B, 2) pixels -> per-layer (k, v) of shape (B, H, N, D), run at t=0 with an empty glyph stream."""
+        b = latents.shape[0]
+        glyph = latents.new_zeros(b, 0, self.cfg.glyph_dim)
+        x, c, temb, rope, _ = self._embed(latents, torch.zeros(b, device=latents.device), prior_ids,
+                                          torch.zeros(b, dtype=torch.bool, device=latents.device), glyph,
+                                          target_size, torch.zeros_like(target_size))
+        kvs = []
+        for blk in self.blocks:
+            x, c, kv = blk(x, c, temb, rope, None, None)
+            kvs.append(kv)
+        return kvs
+
     @torch.no_grad()
     def condition_kv(self, latents: list[torch.Tensor], prior_ids: list[torch.Tensor],
                      sizes: list[tuple[int, int]]) -> list[KV]:
@@ -182,18 +197,8 @@ class DiT(nn.Module):
         latents: [(1, C, H_i, W_i)]; prior_ids: [(1, H_i/p * W_i/p)]; sizes: [(height, width)] in pixels
         -> [(k, v) of shape (1, H, sum_i N_i, D)], one pair per layer.
         """
-        per_image = []
-        for lat, ids, hw in zip(latents, prior_ids, sizes, strict=True):
-            size = torch.tensor([hw], device=lat.device, dtype=torch.float32)
-            glyph = lat.new_zeros(1, 0, self.cfg.glyph_dim)
-            x, c, temb, rope, _ = self._embed(lat, torch.zeros(1, device=lat.device), ids,
-                                              torch.zeros(1, dtype=torch.bool, device=lat.device), glyph, size,
-                                              torch.zeros_like(size))
-            kvs = []
-            for blk in self.blocks:
-                x, c, kv = blk(x, c, temb, rope, None, None)
-                kvs.append(kv)
-            per_image.append(kvs)
+        per_image = [self.condition_kv_batched(lat, ids, torch.tensor([hw], device=lat.device, dtype=torch.float32))
+                     for lat, ids, hw in zip(latents, prior_ids, sizes, strict=True)]
         return [(torch.cat([img[i][0] for img in per_image], dim=2), torch.cat([img[i][1] for img in per_image], dim=2))
                 for i in range(len(self.blocks))]
 

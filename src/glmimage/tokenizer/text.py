@@ -72,6 +72,27 @@ class TextTokenizer:
         return cls(tok)
 
 
+def train_bpe(texts, codebook_size: int, merges: int) -> TextTokenizer:
+    """A byte-level BPE trained on `texts` (tokenizers' BpeTrainer), in the official layout: visual ids first, then
+    the specials, the 256 byte symbols and `merges` learned merges. Any string still encodes (bytes are the
+    fallback), so unseen words cost more tokens but never fail."""
+    from tokenizers import trainers
+
+    visual = [f"<|dit_token_{i}|>" for i in range(codebook_size)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=codebook_size + len(SPECIALS) + len(alphabet) + merges,
+                                  special_tokens=visual + SPECIALS, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in visual + SPECIALS])
+    out = TextTokenizer(tok)
+    if [tok.token_to_id(v) for v in visual[:1] + visual[-1:]] != [0, codebook_size - 1]:
+        raise RuntimeError("BPE trainer did not put the visual ids first")  # tokenizers contract changed
+    return out
+
+
 def tokenizer_config_json() -> str:
     """tokenizer_config.json for the official processor layout (transformers 5 'TokenizersBackend')."""
     return json.dumps({

@@ -1,0 +1,52 @@
+"""Training stages of the world model: data → vae → tokenizer → ar → dit, each a linear `main(cfg)`.
+
+`run(stage, ...)` picks the stage's recipe (`world`, or `quick` for a smoke run of a few steps), applies overrides
+and runs it; `run("all", ...)` runs every stage in order and assembles the model folder <out>/model.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+STAGES = ("data", "vae", "tokenizer", "ar", "dit")
+
+# Per stage: the recipe that produced the shipped model (`world`) and the smoke-test one (`quick`).
+RECIPES: dict[str, dict[str, dict]] = {
+    "data": {"world": dict(n_scenes=60000, n_edits=24000), "quick": dict(n_scenes=192, n_edits=96)},
+    "vae": {"world": dict(steps=2500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
+            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
+    "tokenizer": {"world": dict(steps=3000, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250),
+                  "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
+    "ar": {"world": dict(steps=6000, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
+           "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
+    "dit": {"world": dict(steps=12000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250),
+            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
+}
+
+
+def stage_config(stage: str, recipe: str = "world", **overrides):
+    """The config object of a stage with its recipe and overrides applied."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES + ('all',))}")
+    if recipe not in RECIPES[stage]:
+        raise ValueError(f"unknown recipe {recipe!r} for stage {stage}; valid: {sorted(RECIPES[stage])}")
+    mod = importlib.import_module(f"glmimage.train.{stage}")
+    cls = next(v for k, v in vars(mod).items() if k.endswith("TrainConfig") and isinstance(v, type))
+    return cls().with_overrides(**{**RECIPES[stage][recipe], **overrides})
+
+
+def run(stage: str, recipe: str = "world", **overrides) -> Path:
+    """Run one stage (or "all") and return its output folder."""
+    if stage == "all":
+        t0 = time.time()
+        for s in STAGES:
+            print(f"== stage {s} ({recipe}) ==", flush=True)
+            run(s, recipe, **overrides)
+        from glmimage.train.assemble import assemble
+
+        path = assemble(overrides.get("out", "runs/world"))
+        print(f"== all stages done in {time.time() - t0:.0f} s; model: {path} ==", flush=True)
+        return path
+    cfg = stage_config(stage, recipe, **overrides)
+    return importlib.import_module(f"glmimage.train.{stage}").main(cfg)

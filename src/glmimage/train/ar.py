@@ -1,0 +1,175 @@
+"""Stage `ar`: train the AR generator to write the preview grid then the target grid (text-to-image) and the target
+grid from a condition image's ids and an instruction (image-to-image), with caption dropout.
+
+Sequences are laid out by `ar.generate.layout_prompt`, the same function inference uses, so training and sampling
+see identical ids and mRoPE positions. Rows are left-padded so that the grids end every row; the loss is the cross
+entropy of the grid ids only. Outputs in <out>/ar/: ar.safetensors, samples.png (what the sampled ids say, next
+to the ids of the real image, at 4-px resolution), loss.png, tb/, ckpt/.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from glmimage.ar import generate as argen
+from glmimage.ar.model import ARModel
+from glmimage.config import preset
+from glmimage.tokenizer.text import TextTokenizer, train_bpe
+from glmimage.train import common as C
+from glmimage.train.data import Dataset
+from glmimage.train.tokenizer import ids_to_image
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARTrainConfig(C.StageConfig):
+    preset: str = "world"
+    edit_fraction: float = 0.3  # share of image-to-image rows in a batch
+    caption_dropout: float = 0.1  # text-to-image rows trained with an empty prompt
+    n_samples: int = 8
+    bpe_merges: int = 512  # the prompt BPE (captions are ~4× shorter than in bytes)
+
+
+def stage_dir(cfg) -> Path:
+    return Path(cfg.out) / "ar"
+
+
+def init_weights(model: ARModel) -> None:
+    """GPT-2 style: N(0, 0.02) for linears and the embedding, zero biases."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def make_batch(rows: list[tuple[argen.Prompt, torch.Tensor]], pad_id: int):
+    """[(prompt, grid ids (N,))] -> ids (B, L), pos (3, B, L), targets (B, L) (-100 = no loss).
+
+    Rows are right-padded, so plain causal attention is exact for every real token (pads only follow them)."""
+    seqs = [(torch.cat([p.ids, g]), torch.cat([p.pos, p.decode_pos], dim=1), p.ids.numel()) for p, g in rows]
+    L = max(s[0].numel() for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, L), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, b, L, dtype=torch.long)
+    targets = torch.full((b, L), -100, dtype=torch.long)
+    for i, (s, p, t) in enumerate(seqs):
+        n = s.numel()
+        ids[i, :n], pos[:, i, :n] = s, p
+        targets[i, t - 1:n - 1] = s[t:]  # position j predicts token j + 1; only grid tokens are targets
+    return ids, pos, targets
+
+
+def text_tokenizer(root: Path, codebook_size: int, merges: int) -> TextTokenizer:
+    """The run's BPE over the world's captions and instructions (trained once, kept in <out>/ar/tokenizer.json)."""
+    path = root / "ar" / "tokenizer.json"
+    if path.is_file():
+        return TextTokenizer.from_file(path)
+    scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
+    tok = train_bpe([c for cs in scenes["captions"] for c in cs] + list(edits["instructions"]), codebook_size,
+                    merges)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok
+
+
+def main(cfg: ARTrainConfig) -> Path:
+    C.set_threads(cfg)
+    out = stage_dir(cfg)
+    C.write_config(out, cfg)
+    mcfg = preset(cfg.preset)
+    root = Path(cfg.out)
+    scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
+    tokdir = root / "tokenizer"
+    C.require(*(tokdir / f for f in ("ids_scenes.npy", "ids_preview.npy", "ids_source.npy", "ids_target.npy",
+                                      "code_patches.npy")))
+    ids_t, ids_p = np.load(tokdir / "ids_scenes.npy"), np.load(tokdir / "ids_preview.npy")
+    ids_s, ids_e = np.load(tokdir / "ids_source.npy"), np.load(tokdir / "ids_target.npy")
+    code_patches = np.load(tokdir / "code_patches.npy")
+    size = scenes.recipe["size"]
+    target, preview = mcfg.grids(size, size)
+    if ids_t.shape[1] != target[0] * target[1] or ids_p.shape[1] != preview[0] * preview[1]:
+        raise ValueError(f"tokenizer ids {ids_t.shape[1]}/{ids_p.shape[1]} do not match the grids {target}/{preview}")
+    tok = text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges)
+    if len(tok) > mcfg.ar.vocab_size:
+        raise ValueError(f"text tokenizer has {len(tok)} ids, the AR embedding {mcfg.ar.vocab_size}")
+    captions, instructions = scenes["captions"], edits["instructions"]
+
+    torch.manual_seed(cfg.seed)
+    model = ARModel(mcfg.ar)
+    init_weights(model)
+    model.train()
+    opt = C.make_optimizer(model.parameters(), cfg)
+    state = C.load_checkpoint(out, {"ar": model}, opt)
+    start = state["step"] if state else 0
+    log = C.Log(out, start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="ar", unit="step")
+    for step in range(start, cfg.steps):
+        g = C.step_generator(cfg.seed, step)
+        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
+        rows = []
+        for _ in range(cfg.batch_size):
+            if rng.random() < cfg.edit_fraction:
+                i = rng.randrange(len(edits))
+                p = argen.layout_prompt(tok, instructions[i], target=target, preview=None,
+                                        cond=[(torch.from_numpy(ids_s[i].astype(np.int64)), *target)])
+                rows.append((p, torch.from_numpy(ids_e[i].astype(np.int64))))
+            else:
+                i = rng.randrange(len(scenes))
+                text = "" if rng.random() < cfg.caption_dropout else rng.choice(captions[i])
+                p = argen.layout_prompt(tok, text, target=target, preview=preview)
+                rows.append((p, torch.from_numpy(np.concatenate([ids_p[i], ids_t[i]]).astype(np.int64))))
+        ids, pos, targets = make_batch(rows, tok.pad_id)
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, cfg)
+        with C.autocast(cfg.bf16):
+            logits = model(ids, pos, None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            sel = targets != -100
+            acc = (logits.argmax(-1)[sel] == targets[sel]).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+            log.scalars(step, loss=loss.item(), token_acc=acc, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+        done = step + 1
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            _samples(model, tok, scenes, ids_t, code_patches, target, preview, cfg, out / "samples.png")
+            log.plot(f"ar · step {done}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            C.save_checkpoint(out, {"ar": model}, opt, done)
+    bar.close()
+    log.plot(f"ar · step {cfg.steps}")
+    log.close()
+    model.eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "ar.safetensors"))
+    return out
+
+
+@torch.no_grad()
+def _samples(model, tok, scenes, ids_t, code_patches, target, preview, cfg, path: Path) -> None:
+    """Row 1: the real images; row 2: what their ids say; row 3: what the ids sampled from their caption say."""
+    model.eval()
+    n = min(cfg.n_samples, len(scenes))
+    prompts = [argen.layout_prompt(tok, scenes["captions"][i][0], target=target, preview=preview) for i in range(n)]
+    ids = argen.generate(model, prompts, codebook_size=code_patches.shape[0], pad_id=tok.pad_id, temperature=0.7,
+                         top_p=None, generator=torch.Generator().manual_seed(0))
+    model.clear_caches()
+    model.train()
+    th, tw = target
+    real = np.asarray(scenes["images"][:n])
+    scale = real.shape[1] // (th * code_patches.shape[1])
+    up = lambda a: a.repeat(scale, 0).repeat(scale, 1)
+    says = [up(ids_to_image(ids_t[i], code_patches, th, tw)) for i in range(n)]
+    sampled = [up(ids_to_image(ids[i, -th * tw:].numpy(), code_patches, th, tw)) for i in range(n)]
+    C.grid_image([list(real), says, sampled], scale=2).save(path)

@@ -1,0 +1,85 @@
+"""Put the stage outputs of a run together into one model folder in glmimage's format (<out>/model).
+
+Ids that never occur in training (held-out shape–colour pairs) get their embedding / head rows from an additive fit
+of the seen ones (`complete_unseen`); everything else is copied as trained."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from glmimage import checkpoint
+from glmimage.config import ModelConfig, preset
+from glmimage.tokenizer.text import TextTokenizer
+from glmimage.train import data as D
+
+
+def assemble(out: str | Path, *, preset_name: str = "world", dtype: str = "float16",
+             dest: str | Path | None = None) -> Path:
+    """<out>/{ar,tokenizer,dit,vae} -> <dest or out/model>, weights stored in `dtype`."""
+    out = Path(out)
+    files = {"ar": out / "ar" / "ar.safetensors", "vq": out / "tokenizer" / "vq.safetensors",
+             "dit": out / "dit" / "dit.safetensors", "glyph": out / "dit" / "glyph.safetensors",
+             "vae": out / "vae" / "vae.safetensors"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"run {out} is not finished; missing stage outputs: {missing}")
+    base = preset(preset_name).to_dict()
+    base["vae"] = json.loads((out / "vae" / "vae.json").read_text())  # with the measured latents mean / std
+    cfg = ModelConfig.from_dict(base)
+    state = {k: load_file(str(p)) for k, p in files.items()}
+    checkpoint._tie_t5(state["glyph"])
+    seen = seen_codes(out)
+    for comp, key in (("ar", "embed_tokens.weight"), ("ar", "lm_head.weight"), ("dit", "prior_embedding.weight")):
+        state[comp][key] = complete_unseen(state[comp][key], seen)
+    tok = TextTokenizer.from_file(out / "ar" / "tokenizer.json")
+    pipe = checkpoint.build(cfg, tok, device="cpu", state=state)
+    return checkpoint.save(pipe, Path(dest) if dest else out / "model", dtype=dtype)
+
+
+def seen_codes(out: str | Path) -> np.ndarray:
+    """The semantic ids that occur in the run's training targets (any grid, any stage)."""
+    tok = Path(out) / "tokenizer"
+    return np.unique(np.concatenate([np.load(tok / f"ids_{k}.npy").ravel()
+                                     for k in ("scenes", "preview", "source", "target")]))
+
+
+def _factors(code: int) -> list[tuple[str, int]]:
+    """The factors an id is made of (train/data.token_codes), as (factor table, index) pairs."""
+    if code < D.N_BG:
+        return [("bg", code)]
+    if code < D.N_BG + D.N_SHAPE:
+        q = code - D.N_BG
+        part, colour, shape = q % (D.PARTS * D.PARTS), q // (D.PARTS * D.PARTS) % len(D.COLORS), \
+            q // (D.PARTS * D.PARTS * len(D.COLORS))
+        return [("shape·part", shape * D.PARTS * D.PARTS + part), ("colour·part", colour * D.PARTS * D.PARTS + part),
+                ("is_shape", 0)]
+    q = code - D.N_BG - D.N_SHAPE
+    part, q = q % len(D.TEXT_PARTS), q // len(D.TEXT_PARTS)
+    font, colour = q % len(D.FONTS), q // len(D.FONTS)
+    return [("text colour·part", colour * len(D.TEXT_PARTS) + part), ("font·part", font * len(D.TEXT_PARTS) + part),
+            ("is_text", 0)]
+
+
+def complete_unseen(table: torch.Tensor, seen: np.ndarray) -> torch.Tensor:
+    """Rows of an id table (embedding or output head, (K, D)) for ids never seen in training, filled in from the
+    seen rows by a least-squares additive fit over the ids' factors (shape·part + colour·part for shapes,
+    colour·part + font·part for text). A shape–colour pair held out of training then gets the row that its shape
+    and its colour imply instead of an untrained one."""
+    k = min(table.shape[0], D.NUM_CODES)
+    columns: dict[tuple[str, int], int] = {}
+    rows = [[columns.setdefault(f, len(columns)) for f in _factors(c)] for c in range(k)]
+    x = torch.zeros(k, len(columns), dtype=torch.float64)
+    for c, cols in enumerate(rows):
+        x[c, cols] = 1.0
+    seen_mask = torch.zeros(k, dtype=torch.bool)
+    seen_mask[torch.from_numpy(seen[seen < k].astype(np.int64))] = True
+    w = table[:k].double()
+    coef = torch.linalg.lstsq(x[seen_mask], w[seen_mask], driver="gelsd").solution  # (F, D)
+    out = table.clone()
+    fill = ~seen_mask
+    out[:k][fill] = (x[fill] @ coef).to(table.dtype)
+    return out

@@ -1,0 +1,194 @@
+"""Stage `dit`: flow matching on VAE latents, conditioned on the tokenizer ids (upsampled ×2) and the glyph
+embeddings of the quoted text; the glyph encoder trains with it. Image-to-image steps add the source image's
+K/V (the DiT run at t=0 on the source latents and ids), as inference does.
+
+Noise: x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0, σ = the schedule's shift of u ~ U(0, 1), and the DiT sees
+the raw timestep 1000·u − 1 (the GLM-Image convention the sampler follows). Condition dropout (prior ids, glyph and
+condition image together, as the sampler's unconditional branch drops them) trains classifier-free guidance.
+Outputs in <out>/dit/: dit.safetensors + glyph.safetensors (EMA weights), samples.png (real | sampled from the real
+ids and the caption), loss.png, tb/, ckpt/.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from glmimage.config import preset
+from glmimage.dit import sample as dsample
+from glmimage.dit.model import DiT
+from glmimage.glyph import GlyphEncoder
+from glmimage.pipeline import to_pil, upsample_ids
+from glmimage.train import common as C
+from glmimage.train.data import Dataset
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiTTrainConfig(C.StageConfig):
+    preset: str = "world"
+    edit_fraction: float = 0.25  # share of steps that train image-to-image
+    cond_dropout: float = 0.1
+    ema: float = 0.999
+    n_samples: int = 8
+    sample_steps: int = 20
+    sample_guidance: float = 1.5
+
+
+def stage_dir(cfg) -> Path:
+    return Path(cfg.out) / "dit"
+
+
+def sigma_of(u: torch.Tensor, mcfg, seq_len: int) -> torch.Tensor:
+    """Noise level the sampler uses at raw time u = t / T: the schedule's linear time shift."""
+    sch = mcfg.schedule
+    mu = dsample.shift_mu(seq_len, base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
+                          max_shift=sch.max_shift)
+    return mu / (mu + (1.0 / u - 1.0))
+
+
+def main(cfg: DiTTrainConfig) -> Path:
+    C.set_threads(cfg)
+    out = stage_dir(cfg)
+    C.write_config(out, cfg)
+    mcfg = preset(cfg.preset)
+    root = Path(cfg.out)
+    scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
+    C.require(*(root / "vae" / f"latents_{k}.npy" for k in ("scenes", "source", "target")),
+              *(root / "tokenizer" / f"ids_{k}.npy" for k in ("scenes", "source", "target")))
+    lat = np.load(root / "vae" / "latents_scenes.npy", mmap_mode="r")
+    lat_s, lat_e = (np.load(root / "vae" / f"latents_{k}.npy", mmap_mode="r") for k in ("source", "target"))
+    ids = np.load(root / "tokenizer" / "ids_scenes.npy")
+    ids_s, ids_e = np.load(root / "tokenizer" / "ids_source.npy"), np.load(root / "tokenizer" / "ids_target.npy")
+    size = scenes.recipe["size"]
+    (th, tw), _ = mcfg.grids(size, size)
+    seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
+    T = mcfg.schedule.num_train_timesteps
+
+    torch.manual_seed(cfg.seed)
+    dit = DiT(mcfg.dit)
+    dit.initialize_weights()
+    glyph = GlyphEncoder(mcfg.glyph)
+    dit.train(), glyph.train()
+    ema_dit, ema_glyph = copy.deepcopy(dit).eval(), copy.deepcopy(glyph).eval()
+    for p in list(ema_dit.parameters()) + list(ema_glyph.parameters()):
+        p.requires_grad_(False)
+    models = {"dit": dit, "glyph": glyph.encoder, "ema_dit": ema_dit, "ema_glyph": ema_glyph.encoder}
+    params = list(dit.parameters()) + list(glyph.parameters())
+    opt = C.make_optimizer(params, cfg)
+    state = C.load_checkpoint(out, models, opt)
+    start = state["step"] if state else 0
+    log = C.Log(out, start)
+    vae = None
+    bar = tqdm(total=cfg.steps, initial=start, desc="dit", unit="step")
+    for step in range(start, cfg.steps):
+        g = C.step_generator(cfg.seed, step)
+        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
+        b = cfg.batch_size
+        is_edit = rng.random() < cfg.edit_fraction
+        if is_edit:
+            idx = np.sort(np.array([rng.randrange(len(edits)) for _ in range(b)]))
+            x0 = torch.from_numpy(np.array(lat_e[idx], dtype=np.float32))
+            prior = upsample_ids(torch.from_numpy(ids_e[idx].astype(np.int64)).view(b, th, tw))
+            texts = [edits["instructions"][i] for i in idx]
+        else:
+            idx = np.sort(np.array([rng.randrange(len(scenes)) for _ in range(b)]))
+            x0 = torch.from_numpy(np.array(lat[idx], dtype=np.float32))
+            prior = upsample_ids(torch.from_numpy(ids[idx].astype(np.int64)).view(b, th, tw))
+            texts = [rng.choice(scenes["captions"][i]) for i in idx]
+        drop = torch.rand(b, generator=g) < cfg.cond_dropout
+        texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        u = torch.rand(b, generator=g).clamp(1e-3, 1.0)
+        sigma = sigma_of(u, mcfg, seq_len)[:, None, None, None]
+        noise = torch.randn(x0.shape, generator=g)
+        xt = (1 - sigma) * x0 + sigma * noise
+        target = noise - x0
+        size_t = torch.tensor([[size, size]] * b, dtype=torch.float32)
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, cfg)
+        with C.autocast(cfg.bf16):
+            gl, gmask = glyph(texts)
+            cond_kv = None
+            if is_edit:
+                src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
+                src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(b, th, tw))
+                cond_kv = dit.condition_kv_batched(src, src_prior, size_t)
+            v = dit(xt, u * T - 1, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
+                    cond_kv=cond_kv, use_cond=~drop if is_edit else None)
+        loss = F.mse_loss(v.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = cfg.ema if step >= cfg.warmup else 0.0
+            for m, e in ((dit, ema_dit), (glyph, ema_glyph)):
+                for p, q in zip(m.parameters(), e.parameters()):
+                    q.lerp_(p.detach(), 1 - decay)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            key = "loss_i2i" if is_edit else "loss_t2i"
+            log.scalars(step, **{key: loss.item()}, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+        done = step + 1
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            if vae is None:
+                from glmimage.train.vae import load_trained
+
+                vae = load_trained(cfg.out)
+            _samples(ema_dit, ema_glyph, vae, scenes, lat, ids, mcfg, cfg, out / "samples.png")
+            log.plot(f"dit · step {done}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            C.save_checkpoint(out, models, opt, done)
+    bar.close()
+    log.plot(f"dit · step {cfg.steps}")
+    log.close()
+    save_file({k: v.contiguous() for k, v in ema_dit.state_dict().items()}, str(out / "dit.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema_glyph.encoder.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, str(out / "glyph.safetensors"))
+    return out
+
+
+@torch.no_grad()
+def sample_latents(dit: DiT, glyph: GlyphEncoder, prior: torch.Tensor, prompts: list[str], mcfg, size: int,
+                   steps: int, guidance: float, seed: int = 0) -> torch.Tensor:
+    """Euler + CFG from given prior ids (B, N) and prompts -> latents (B, C, h, w)."""
+    b = prior.shape[0]
+    f, p = mcfg.vae_factor, mcfg.dit.patch_size
+    noise = torch.randn(b, mcfg.dit.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
+    gl, gm = glyph.encode(list(prompts) + [""] * b)
+    prior2 = torch.cat([prior, prior])
+    drop = torch.tensor([False] * b + [True] * b)
+    size_t = torch.tensor([[size, size]] * 2 * b, dtype=torch.float32)
+
+    def velocity(x, t):
+        v = dit(torch.cat([x, x]), torch.cat([t, t]), prior_ids=prior2, prior_drop=drop, glyph=gl,
+                target_size=size_t, glyph_mask=gm).float()
+        return dsample.cfg_combine(*v.chunk(2), guidance)
+
+    sch = mcfg.schedule
+    ts = dsample.timesteps(steps, sch.num_train_timesteps)
+    mu = dsample.shift_mu((size // f // p) ** 2, base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
+                          max_shift=sch.max_shift)
+    return dsample.sample(velocity, noise, ts, dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps))
+
+
+@torch.no_grad()
+def _samples(dit, glyph, vae, scenes, lat, ids, mcfg, cfg, path: Path) -> None:
+    """Row 1: real images; row 2: their latents decoded (the VAE's ceiling); row 3: sampled from their ids + caption."""
+    n = min(cfg.n_samples, len(scenes))
+    size = scenes.recipe["size"]
+    (th, tw), _ = mcfg.grids(size, size)
+    prior = upsample_ids(torch.from_numpy(ids[:n].astype(np.int64)).view(n, th, tw))
+    prompts = [scenes["captions"][i][0] for i in range(n)]
+    z = sample_latents(dit, glyph, prior, prompts, mcfg, size, cfg.sample_steps, cfg.sample_guidance)
+    real = [np.asarray(im) for im in scenes["images"][:n]]
+    ceiling = [np.asarray(im) for im in to_pil(vae.decode(torch.from_numpy(np.array(lat[:n], dtype=np.float32))))]
+    sampled = [np.asarray(im) for im in to_pil(vae.decode(z))]
+    C.grid_image([real, ceiling, sampled], scale=2).save(path)

@@ -1,0 +1,212 @@
+"""Stage `tokenizer`: the semantic visual tokenizer of the world model.
+
+What an id means is fixed by the world, not discovered: each token of the 4×4 grid gets the id of what covers it
+in the scene graph (`data.token_codes`: background colour + gradient; or shape, colour and which part of the shape
+the token shows; or text colour, font and which part of the line). So the ids carry shape, colour, position and
+text placement by construction, and the DiT is their only pixel decoder. The letters of quoted text are not in the
+ids: they reach the DiT through the glyph stream, letter by letter (which is what lets it write unseen words).
+
+Why not a VQ trained by reconstruction (tried first, README): with 16 ids per image and ~2k codes, a code cannot
+hold background × shape × colour × part, and a ViT from scratch needs thousands of steps before its features tell
+a circle from a square, so reconstruction codes spent their capacity on background colours and lost the shapes.
+
+The ViT + cosine codebook (`tokenizer.vq.VisualTokenizer`, the official architecture) is then trained to read
+these ids from pixels: ids = argmax cosine(projected features, codebook) is exactly its `quantize`, so training
+is a cosine-softmax classifier over the codebook. It is what turns condition images into ids for image-to-image.
+
+Outputs in <out>/tokenizer/: ids_*.npy (int16: scenes target grid, scenes preview grid, edit sources, edit
+targets; written first), vq.safetensors, code_patches.npy (a picture of each id, for sample grids), samples.png
+(image | its ids drawn | the ids the ViT reads), loss.png, tb/, ckpt/.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from glmimage.config import preset
+from glmimage.tokenizer.vq import VisualTokenizer
+from glmimage.train import common as C
+from glmimage.train import data as D
+from glmimage.world.colors import PALETTE
+from glmimage.world.render import SHAPE_OUTLINES
+
+PATCH = 16  # side of the picture drawn for one id
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainConfig(C.StageConfig):
+    preset: str = "world"
+    logit_scale: float = 16.0  # cosine-softmax temperature⁻¹
+
+
+def stage_dir(cfg) -> Path:
+    return Path(cfg.out) / "tokenizer"
+
+
+def load_trained(out: str | Path, cfg_name: str = "world") -> VisualTokenizer:
+    vq = VisualTokenizer(preset(cfg_name).vq)
+    vq.load_state_dict(load_file(str(Path(out) / "tokenizer" / "vq.safetensors")), strict=True)
+    return vq.eval()
+
+
+def write_ids(root: Path, out: Path, grid: int) -> None:
+    """The semantic ids of every training image and edit pair (from the scene graphs, no pixels involved)."""
+    scenes = D.scene_graphs(D.Dataset(root / "data" / "scenes"))
+    np.save(out / "ids_scenes.npy", np.stack([D.token_codes(s, grid) for s in scenes]))
+    np.save(out / "ids_preview.npy", np.stack([D.token_codes(s, max(1, grid // 2)) for s in scenes]))
+    edits = D.scene_graphs(D.Dataset(root / "data" / "edits"))
+    np.save(out / "ids_source.npy", np.stack([D.token_codes(e.source, grid) for e in edits]))
+    np.save(out / "ids_target.npy", np.stack([D.token_codes(e.target, grid) for e in edits]))
+
+
+def code_patches(num_codes: int) -> np.ndarray:
+    """(num_codes, PATCH, PATCH, 3) uint8: a picture of what each id says (grey: no background information)."""
+    out = np.full((num_codes, PATCH, PATCH, 3), 128, np.uint8)
+    for k in range(min(num_codes, D.NUM_CODES)):
+        im = Image.new("RGB", (PATCH * 4, PATCH * 4), (128, 128, 128))
+        draw = ImageDraw.Draw(im)
+        if k < D.N_BG:
+            color = PALETTE[D.COLORS[k // D.GRADIENTS]]
+            im.paste(color, (0, 0, im.width, im.height))
+        elif k < D.N_BG + D.N_SHAPE:
+            q = k - D.N_BG
+            py, q = q % D.PARTS, q // D.PARTS
+            px, q = q % D.PARTS, q // D.PARTS
+            color, shape = PALETTE[D.COLORS[q % len(D.COLORS)]], D.SHAPES[q // len(D.COLORS)]
+            centre = [(-0.25, 0.25, 0.75, 1.25)[p] * im.width for p in (px, py)]
+            r = 0.45 * im.width
+            draw.polygon([(centre[0] + x * r, centre[1] + y * r) for x, y in SHAPE_OUTLINES[shape]], fill=color)
+        else:
+            q = k - D.N_BG - D.N_SHAPE
+            part, q = q % len(D.TEXT_PARTS), q // len(D.TEXT_PARTS)
+            color = PALETTE[D.COLORS[q // len(D.FONTS)]]
+            x0 = (0.4, 0.0, 0.0, 0.4)[part] * im.width
+            x1 = (1.0, 1.0, 0.6, 0.6)[part] * im.width
+            for t in range(3):  # three "letters"
+                a = x0 + (x1 - x0) * t / 3
+                draw.rectangle([a + 2, 0.3 * im.height, a + (x1 - x0) / 3 - 2, 0.7 * im.height], fill=color)
+        out[k] = np.asarray(im.resize((PATCH, PATCH), Image.Resampling.BOX))
+    return out
+
+
+def ids_to_image(ids: np.ndarray, patches: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """What a grid of ids says: (h*w,) ids -> (h*PATCH, w*PATCH, 3) uint8."""
+    p = patches[np.asarray(ids, dtype=np.int64)].reshape(grid_h, grid_w, PATCH, PATCH, 3)
+    return p.transpose(0, 2, 1, 3, 4).reshape(grid_h * PATCH, grid_w * PATCH, 3)
+
+
+def cosine_logits(vq: VisualTokenizer, pixels: torch.Tensor, scale: float, bf16: bool) -> torch.Tensor:
+    """-> (B, N, K) scaled cosine similarities; their argmax is VisualTokenizer.quantize."""
+    with C.autocast(bf16):
+        feats = vq.features(pixels)
+    z = F.normalize(vq.quant_proj(feats.float()), dim=-1)
+    return scale * z @ F.normalize(vq.codebook.weight.float(), dim=-1).t()
+
+
+def main(cfg: TokenizerTrainConfig) -> Path:
+    C.set_threads(cfg)
+    out = stage_dir(cfg)
+    C.write_config(out, cfg)
+    mcfg = preset(cfg.preset)
+    root = Path(cfg.out)
+    data = D.Dataset(root / "data" / "scenes")
+    if mcfg.vq.codebook_size < D.NUM_CODES:
+        raise ValueError(f"codebook {mcfg.vq.codebook_size} < {D.NUM_CODES} world codes")
+    if mcfg.vq.downsample != 1:
+        raise ValueError("the world tokenizer reads full-resolution images (vq.downsample must be 1)")
+    grid = data.recipe["grid"]
+    if not (out / "ids_target.npy").is_file():
+        write_ids(root, out, grid)
+    ids = torch.from_numpy(np.load(out / "ids_scenes.npy").astype(np.int64))
+    images = data["images"]
+    n = len(data)
+    n_val = min(1000, n // 10)  # the last images: never trained on, for the reading accuracy
+    mean, std = mcfg.vq.image_mean, mcfg.vq.image_std
+
+    torch.manual_seed(cfg.seed)
+    vq = VisualTokenizer(mcfg.vq)
+    nn.init.normal_(vq.pos_embed.weight, std=0.02)
+    opt = C.make_optimizer(vq.parameters(), cfg)
+    state = C.load_checkpoint(out, {"vq": vq}, opt)
+    start = state["step"] if state else 0
+    log = C.Log(out, start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="tokenizer", unit="step")
+    for step in range(start, cfg.steps):
+        g = C.step_generator(cfg.seed, step)
+        idx = np.sort(torch.randint(0, n - n_val, (cfg.batch_size,), generator=g).numpy())
+        x = D.normalize_for_vq(images[idx], mean, std)
+        target = ids[idx]
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, cfg)
+        logits = cosine_logits(vq, x, cfg.logit_scale, cfg.bf16)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(vq.parameters(), cfg.grad_clip)
+        opt.step()
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            acc = _accuracies(logits.argmax(-1), target)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc['acc']:.2f}")
+            log.scalars(step, loss=loss.item(), grad_norm=gn.item(), lr=C.lr_at(step, cfg), **acc)
+        done = step + 1
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            val = np.arange(n - n_val, n)
+            read = read_ids(vq, images[val], mean, std)
+            log.scalars(step, **{f"val_{k}": v for k, v in _accuracies(torch.from_numpy(read), ids[val]).items()})
+            _samples(vq, images[n - 8:], ids[n - 8:].numpy(), read[-8:], grid, mcfg, out / "samples.png")
+            log.plot(f"tokenizer · step {done}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            C.save_checkpoint(out, {"vq": vq}, opt, done)
+    bar.close()
+    log.plot(f"tokenizer · step {cfg.steps}")
+    log.close()
+    vq.eval()
+    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(out / "vq.safetensors"))
+    np.save(out / "code_patches.npy", code_patches(mcfg.vq.codebook_size))
+    return out
+
+
+def _accuracies(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Overall, and on the tokens that show a shape / text (the background is most tokens and easy)."""
+    shape = (target >= D.N_BG) & (target < D.N_BG + D.N_SHAPE)
+    text = target >= D.N_BG + D.N_SHAPE
+    ok = pred == target
+    out = {"acc": ok.float().mean().item()}
+    if shape.any():
+        out["acc_shape_tokens"] = ok[shape].float().mean().item()
+    if text.any():
+        out["acc_text_tokens"] = ok[text].float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def read_ids(vq: VisualTokenizer, images: np.ndarray, mean, std, batch: int = 500) -> np.ndarray:
+    """uint8 images -> the ids the ViT reads (N, h*w) int64, exactly as the pipeline tokenizes."""
+    was = vq.training
+    vq.eval()
+    out = [vq.encode(D.normalize_for_vq(images[i:i + batch], mean, std)).flatten(1).numpy()
+           for i in range(0, len(images), batch)]
+    vq.train(was)
+    return np.concatenate(out)
+
+
+def _samples(vq, images, ids, read, grid, mcfg, path: Path) -> None:
+    patches = code_patches(mcfg.vq.codebook_size)
+    scale = images.shape[1] // (grid * PATCH) if images.shape[1] >= grid * PATCH else 1
+    real = [np.asarray(im) for im in images]
+    says = [ids_to_image(i, patches, grid, grid) for i in ids]
+    reads = [ids_to_image(r, patches, grid, grid) for r in read]
+    if says[0].shape != real[0].shape:
+        f = math.ceil(says[0].shape[0] / real[0].shape[0])
+        real = [im.repeat(f, 0).repeat(f, 1)[: says[0].shape[0], : says[0].shape[1]] for im in real]
+    C.grid_image([real, says, reads], scale=max(1, scale)).save(path)

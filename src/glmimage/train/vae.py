@@ -1,0 +1,136 @@
+"""Stage `vae`: train the AutoencoderKL on world renders, fix the latent mean/std, write latents for the DiT.
+
+Fully convolutional, so it trains on random crops (4× cheaper at 32 px) and is judged on whole images.
+Outputs in <out>/vae/: vae.safetensors + vae.json (config with latents_mean/std), latents_*.npy (float16,
+normalised), samples.png (originals over reconstructions), loss.png, tb/, ckpt/.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from glmimage.config import preset
+from glmimage.train import common as C
+from glmimage.train.data import Dataset, to_float
+from glmimage.vae import VAE
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAETrainConfig(C.StageConfig):
+    preset: str = "world"
+    crop: int = 32  # training crop side (multiple of the VAE factor)
+    l2_weight: float = 1.0
+    kl_weight: float = 1e-6
+    n_stats: int = 2000  # images used to measure the latent mean / std
+
+
+def stage_dir(cfg) -> Path:
+    return Path(cfg.out) / "vae"
+
+
+def load_trained(out: str | Path) -> VAE:
+    """The VAE a finished stage wrote (normalisation included)."""
+    d = Path(out) / "vae"
+    vae = VAE(json.loads((d / "vae.json").read_text()))
+    vae.model.load_state_dict(load_file(str(d / "vae.safetensors")), strict=True)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae: VAE, images: np.ndarray, batch: int = 256, desc: str = "encode") -> np.ndarray:
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
+        out.append(vae.encode(to_float(images[i:i + batch])).to(torch.float16).numpy())
+    return np.concatenate(out)
+
+
+def main(cfg: VAETrainConfig) -> Path:
+    C.set_threads(cfg)
+    out = stage_dir(cfg)
+    C.write_config(out, cfg)
+    mcfg = preset(cfg.preset)
+    data = Dataset(Path(cfg.out) / "data" / "scenes")
+    images = data["images"]
+    n, size = len(data), images.shape[1]
+    f = mcfg.vae_factor
+    if cfg.crop % f or cfg.crop > size:
+        raise ValueError(f"crop must be a multiple of the VAE factor {f} and at most {size}, got {cfg.crop}")
+
+    torch.manual_seed(cfg.seed)
+    vae = VAE({**mcfg.vae})
+    model = vae.model.train()
+    opt = C.make_optimizer(model.parameters(), cfg)
+    state = C.load_checkpoint(out, {"vae": model}, opt)
+    start = state["step"] if state else 0
+    log = C.Log(out, start)
+    fixed = to_float(images[:8])
+    bar = tqdm(total=cfg.steps, initial=start, desc="vae", unit="step")
+    for step in range(start, cfg.steps):
+        g = C.step_generator(cfg.seed, step)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g).numpy()
+        x = to_float(images[np.sort(idx)])
+        oy, ox = torch.randint(0, size - cfg.crop + 1, (2,), generator=g).tolist()
+        x = x[:, :, oy:oy + cfg.crop, ox:ox + cfg.crop]
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, cfg)
+        with C.autocast(cfg.bf16):
+            post = model.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(post.mean.dtype)
+            rec = model.decode(z).sample
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        l2 = (rec - x).pow(2).mean()
+        kl = post.kl().float().mean() / x[0].numel()
+        loss = l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            bar.set_postfix(l1=f"{l1.item():.4f}")
+            log.scalars(step, loss=loss.item(), l1=l1.item(), l2=l2.item(), kl=kl.item(), grad_norm=gn.item(),
+                        lr=C.lr_at(step, cfg))
+        done = step + 1
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                rec = model.decode(model.encode(fixed).latent_dist.mode()).sample
+            model.train()
+            psnr = -10 * torch.log10(((rec.clamp(-1, 1) - fixed) / 2).pow(2).mean()).item()
+            log.scalars(step, val_psnr=psnr)
+            as_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            C.grid_image([list(as_u8(fixed)), list(as_u8(rec))], scale=3).save(out / "samples.png")
+            log.plot(f"vae · step {done}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            C.save_checkpoint(out, {"vae": model}, opt, done)
+    bar.close()
+    log.plot(f"vae · step {cfg.steps}")
+    log.close()
+
+    # Latent statistics -> the normalisation GLM-Image applies ((z - mean) / std), then the final files
+    model.eval()
+    with torch.no_grad():
+        zs = torch.cat([model.encode(to_float(images[i:i + 250])).latent_dist.mode()
+                        for i in range(0, min(n, cfg.n_stats), 250)])
+    mean = zs.mean(dim=(0, 2, 3)).tolist()
+    std = zs.std(dim=(0, 2, 3)).tolist()
+    config = {**mcfg.vae, "latents_mean": mean, "latents_std": std}
+    (out / "vae.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "vae.safetensors"))
+
+    # Stage output for the DiT: normalised latents of every training image (and both sides of every edit pair)
+    vae = load_trained(cfg.out)
+    np.save(out / "latents_scenes.npy", encode_all(vae, images, desc="latents scenes"))
+    edits_dir = Path(cfg.out) / "data" / "edits"
+    if (edits_dir / "meta.json").is_file():
+        edits = Dataset(edits_dir)
+        np.save(out / "latents_source.npy", encode_all(vae, edits["source"], desc="latents edit sources"))
+        np.save(out / "latents_target.npy", encode_all(vae, edits["target"], desc="latents edit targets"))
+    return out

@@ -1,0 +1,144 @@
+"""Training stages on the `quick` recipe: every stage runs, writes its outputs, and resumes to the same losses."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import glmimage
+from glmimage import train
+from glmimage.cli import main as cli
+from glmimage.train.data import (COLORS, GRADIENTS, N_BG, N_SHAPE, PARTS, SHAPES, Dataset, scene_graphs,
+                                 token_codes)
+from glmimage.train.tokenizer import load_trained, read_ids
+from glmimage.world import all_captions
+from glmimage.world import sample_scene
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """`train all --quick` once: data, vae, tokenizer, ar, dit, then the assembled model."""
+    out = tmp_path_factory.mktemp("run")
+    assert cli(["train", "all", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_all_stages_write_their_outputs(run_dir):
+    for stage, files in {"vae": ["vae.safetensors", "vae.json", "latents_scenes.npy", "latents_source.npy"],
+                         "tokenizer": ["vq.safetensors", "ids_scenes.npy", "ids_preview.npy", "ids_target.npy",
+                                       "code_patches.npy"],
+                         "ar": ["ar.safetensors"], "dit": ["dit.safetensors", "glyph.safetensors"]}.items():
+        d = run_dir / stage
+        for f in files + ["loss.png", "samples.png", "metrics.jsonl", "train_config.json", "ckpt/state.json"]:
+            assert (d / f).is_file(), f"{stage}: missing {f}"
+        assert list((d / "tb").glob("events.out.tfevents.*")), f"{stage}: no TensorBoard events"
+        sheet = np.asarray(Image.open(d / "samples.png").convert("RGB"), dtype=np.float32)
+        assert sheet.std() > 5, f"{stage}: blank sample grid"
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all(np.isfinite(v) for r in rows for v in r.values()), f"{stage}: bad metrics"
+
+
+def test_stage_outputs_are_consistent(run_dir):
+    scenes = Dataset(run_dir / "data" / "scenes")
+    n = len(scenes)
+    cfg = glmimage.config.preset("world")
+    (th, tw), (ph, pw) = cfg.grids(64, 64)
+    ids = np.load(run_dir / "tokenizer" / "ids_scenes.npy")
+    assert ids.shape == (n, th * tw) and ids.min() >= 0 and ids.max() < cfg.vq.codebook_size
+    assert np.load(run_dir / "tokenizer" / "ids_preview.npy").shape == (n, ph * pw)
+    lat = np.load(run_dir / "vae" / "latents_scenes.npy")
+    assert lat.shape == (n, cfg.dit.in_channels, 64 // cfg.vae_factor, 64 // cfg.vae_factor)
+    # the ids are the scene graphs' semantic codes, and the graphs re-sampled from the recipe are the rendered ones
+    graphs = scene_graphs(scenes)
+    assert [all_captions(g) for g in graphs[:20]] == scenes["captions"][:20]
+    assert ids[3].tolist() == token_codes(graphs[3], th).tolist()
+    # the ViT reads an image into ids exactly as the pipeline tokenizes a condition image
+    pipe = glmimage.load(run_dir / "model", device="cpu")
+    _, got = pipe.condition_tokens(Image.fromarray(np.asarray(scenes["images"][3])))
+    vq = load_trained(run_dir)
+    assert got.flatten().tolist() == read_ids(vq, scenes["images"][3:4], cfg.vq.image_mean,
+                                              cfg.vq.image_std)[0].tolist()
+
+
+def test_semantic_codes_say_what_is_where():
+    import random
+
+    scene = sample_scene(random.Random(5), kind="single")
+    (shape,) = scene.shapes
+    codes = token_codes(scene, 4).reshape(4, 4)
+    cx, cy = shape.center
+    i, j = min(3, int(cy * 4)), min(3, int(cx * 4))
+    k = int(codes[i, j]) - N_BG
+    assert 0 <= k < N_SHAPE
+    assert SHAPES[k // (len(COLORS) * PARTS * PARTS)] == shape.shape
+    assert COLORS[k // (PARTS * PARTS) % len(COLORS)] == shape.color
+    bg = codes[codes < N_BG]
+    assert len(bg) >= 12 and (bg // GRADIENTS == COLORS.index(scene.background.color)).all()
+    assert len(set(token_codes(scene, 4).tolist())) <= 5  # one background id (no gradient change) + ≤ 4 parts
+
+
+def test_assembled_model_generates(run_dir):
+    pipe = glmimage.load(run_dir / "model", device="cpu")
+    assert {p.dtype for p in pipe.dit.parameters()} == {torch.float32}  # stored fp16, computed in fp32
+    out = pipe(["a red circle", 'a sign that says "OPEN"'], num_inference_steps=2, progress=False)
+    assert [im.size for im in out.images] == [(64, 64)] * 2
+    edit = pipe("recolor the circle to blue", images=[out.images[0]], num_inference_steps=2, progress=False)
+    assert edit.images[0].size == (64, 64)
+    weights = run_dir / "model" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}
+
+
+@pytest.mark.parametrize("stage", ["vae", "tokenizer", "ar", "dit"])
+def test_resume_gives_the_same_losses(run_dir, tmp_path, stage):
+    """4 steps straight == 2 steps, stop, resume to 4 (model, optimizer, step and RNG restored)."""
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+        for dep in ("data", "vae", "tokenizer"):
+            shutil.copytree(run_dir / dep, tmp_path / name / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+        shutil.rmtree(tmp_path / name / stage, ignore_errors=True)
+    kw = dict(log_every=1, sample_every=100, ckpt_every=2)
+    train.run(stage, "quick", out=str(tmp_path / "straight"), steps=4, **kw)
+    train.run(stage, "quick", out=str(tmp_path / "resumed"), steps=2, **kw)
+    train.run(stage, "quick", out=str(tmp_path / "resumed"), steps=4, **kw)
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / stage / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss", r.get("loss_t2i", r.get("loss_i2i")))) for r in rows if "lr" in r]
+
+    straight, resumed = losses("straight"), losses("resumed")
+    assert [s for s, _ in straight] == [0, 1, 2, 3]
+    assert straight == resumed
+
+
+def test_cli_train_rejects_bad_options(tmp_path, capsys):
+    assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
+    assert "unknown option" in capsys.readouterr().err
+    assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "lr"]) == 2
+
+
+def test_stage_without_its_inputs_says_what_is_missing(tmp_path, capsys):
+    assert cli(["train", "dit", "--quick", "--out", str(tmp_path)]) == 2
+    assert "data" in capsys.readouterr().err
+
+
+def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "1", "--edits", "2", "--steps", "2",
+                "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "world_eval.json").read_text())
+    assert report["n_prompts"] == 5 and report["n_edits"] == 2 and report["n_texts"] >= 2
+    for key in ("word_accuracy", "composition", "edit_success", "normalized_edit_distance"):
+        assert 0.0 <= report[key] <= 1.0
+    assert (out / "t2i_sheet.png").is_file() and (out / "edit_sheet.png").is_file()
+    table = capsys.readouterr().out
+    assert "quoted-word accuracy" in table and "edit success" in table
+    assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "0"]) == 2
