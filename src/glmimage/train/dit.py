@@ -27,7 +27,7 @@ from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
 from glmimage.pipeline import to_pil, upsample_ids
 from glmimage.train import common as C
-from glmimage.train.data import Dataset
+from glmimage.train.data import N_BG, Dataset
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +39,8 @@ class DiTTrainConfig(C.StageConfig):
     n_samples: int = 8
     sample_steps: int = 20
     sample_guidance: float = 1.5
+    fg_weight: float = 0.0  # extra loss weight on latents under shape / text ids (objects are a small share of pixels)
+    fg_from_step: int = 0  # ... from this step on
 
 
 def stage_dir(cfg) -> Path:
@@ -121,7 +123,13 @@ def main(cfg: DiTTrainConfig) -> Path:
                 cond_kv = dit.condition_kv_batched(src, src_prior, size_t)
             v = dit(xt, u * T - 1, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
                     cond_kv=cond_kv, use_cond=~drop if is_edit else None)
-        loss = F.mse_loss(v.float(), target)
+        err = (v.float() - target).pow(2)
+        if cfg.fg_weight and step >= cfg.fg_from_step:
+            f = x0.shape[-1] // tw  # latent pixels per AR token
+            fg = torch.from_numpy((ids_e[idx] if is_edit else ids[idx]).astype(np.int64) >= N_BG).float()
+            fg = fg.view(b, 1, th, tw).repeat_interleave(f, 2).repeat_interleave(f, 3)
+            err = err * (1 + cfg.fg_weight * fg)
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
