@@ -11,16 +11,19 @@ from pathlib import Path
 
 STAGES = ("data", "vae", "tokenizer", "ar", "dit")
 
-# Per stage: the recipe that produced the shipped model (`world`) and the smoke-test one (`quick`).
+# Per stage: the recipe of the world model (`world`) and the smoke-test one (`quick`). The run in progress was
+# extended in legs (tokenizer 2,500 -> 4,500 steps; dit 2,000 -> 2,600 with the foreground weight from step 2,000),
+# so its cosine schedules differ from one uninterrupted run of these lengths.
 RECIPES: dict[str, dict[str, dict]] = {
     "data": {"world": dict(n_scenes=60000, n_edits=24000), "quick": dict(n_scenes=192, n_edits=96)},
     "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
-    "tokenizer": {"world": dict(steps=2500, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250),
+    "tokenizer": {"world": dict(steps=4500, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250),
                   "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
     "ar": {"world": dict(steps=3000, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
-    "dit": {"world": dict(steps=2000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250),
+    "dit": {"world": dict(steps=2600, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250,
+                          fg_weight=3.0, fg_from_step=2000),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
 }
 
