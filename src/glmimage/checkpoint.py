@@ -135,7 +135,7 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
 
 
 @contextlib.contextmanager
-def _atomic_folder(final: Path):
+def atomic_folder(final: Path):
     """Yield a temp folder beside `final`; on success swap it in with renames (the old copy survives a crash),
     on failure remove it."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def save(pipe: Pipeline, path: str | Path, *, dtype: str | None = None) -> Path:
     """Write config.json, tokenizer.json and model.safetensors (all components, prefixed) atomically."""
     final = Path(path)
     dt = resolve_dtype(dtype) if dtype else None
-    with _atomic_folder(final) as tmp:
+    with atomic_folder(final) as tmp:
         tensors = {}
         for name, mod in (("ar", pipe.ar), ("vq", pipe.vq), ("dit", pipe.dit), ("glyph", pipe.glyph.encoder),
                           ("vae", pipe.vae.model)):
@@ -434,6 +434,6 @@ def export_official(pipe: Pipeline, path: str | Path) -> Path:
     ref = GlmImagePipeline(tokenizer=ByT5Tokenizer(), processor=processor, text_encoder=pipe.glyph.encoder,
                            vision_language_encoder=vle, vae=pipe.vae.model, transformer=dit.eval(), scheduler=scheduler)
     final = Path(path)
-    with _atomic_folder(final) as tmp:
+    with atomic_folder(final) as tmp:
         ref.save_pretrained(tmp)
     return final

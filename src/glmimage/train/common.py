@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from glmimage.checkpoint import _atomic_folder
+from glmimage.checkpoint import atomic_folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +92,7 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
 def save_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer, step: int,
                     extra: dict | None = None) -> None:
     """Atomically replace stage_dir/ckpt with the models, the optimizer, the step and the RNG states."""
-    with _atomic_folder(stage_dir / "ckpt") as tmp:
+    with atomic_folder(stage_dir / "ckpt") as tmp:
         weights, aliases, seen = {}, {}, {}
         for name, m in models.items():
             for k, v in m.state_dict().items():

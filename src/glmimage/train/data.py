@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from glmimage.checkpoint import _atomic_folder
-from glmimage.glyph import extract_glyph_texts
+from glmimage.checkpoint import atomic_folder
+from glmimage.train.common import StageConfig
 from glmimage.world import all_captions, sample_edit, sample_scene
 from glmimage.world.colors import PALETTE
 from glmimage.world.render import TEXT_LAYOUT, fit_font, load_font, render, SUPERSAMPLE
@@ -180,7 +180,7 @@ def build(path: str | Path, kind: str, n: int, *, seed: int = 0, split: str = "t
     with mp.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
         for part in tqdm(pool.imap(_work, jobs), total=len(jobs), desc=f"render {kind} ({split})", unit="chunk"):
             parts.append(part)
-    with _atomic_folder(path) as tmp:
+    with atomic_folder(path) as tmp:
         for k in ARRAYS[kind]:
             np.save(tmp / f"{k}.npy", np.stack([a for p in parts for a in p[k]]))
         lists = {k: [v for p in parts for v in p[k]] for k in LISTS[kind]}
@@ -220,11 +220,6 @@ class Dataset:
         return self.arrays[k] if k in self.arrays else self.lists[k]
 
 
-def glyph_prompt(caption: str) -> str:
-    """What the glyph encoder sees for a caption: its quoted strings (the encoder extracts them itself)."""
-    return caption if extract_glyph_texts(caption) else ""
-
-
 def to_float(images: np.ndarray) -> "torch.Tensor":
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     import torch
@@ -244,9 +239,6 @@ def normalize_for_vq(images: np.ndarray, mean, std) -> "torch.Tensor":
 # ---------------------------------------------------------------------------------------------------------------
 # Stage `data`
 # ---------------------------------------------------------------------------------------------------------------
-from glmimage.train.common import StageConfig  # noqa: E402
-
-
 @dataclass(frozen=True, kw_only=True)
 class DataTrainConfig(StageConfig):
     n_scenes: int = 60000
