@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from glmimage.ar import generate as argen
@@ -152,7 +151,7 @@ def main(cfg: ARTrainConfig) -> Path:
     log.plot(f"ar · step {cfg.steps}")
     log.close()
     model.eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "ar.safetensors"))
+    C.save_weights(model, out / "ar.safetensors")
     return out
 
 

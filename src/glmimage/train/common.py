@@ -207,6 +207,12 @@ class Log:
         self.tb.close()
 
 
+def save_weights(module: nn.Module, path: Path, skip: tuple[str, ...] = ()) -> None:
+    """A stage's final weights: the module's state dict as safetensors (keys in `skip` left out, e.g. tied ones)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k not in skip},
+              str(path))
+
+
 def require(*paths: Path) -> None:
     """ValueError naming the stage to run first when an input of this stage is missing."""
     for p in paths:

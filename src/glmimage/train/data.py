@@ -110,7 +110,7 @@ def scene_graphs(ds: "Dataset") -> list:
     return [sample_edit(_rng(job, i), split=job.split) for i in range(r["n"])]
 
 
-def tokenizer_views(image: Image.Image, stride: int, downsample: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def tokenizer_views(image: Image.Image, downsample: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """The image as the visual tokenizer sees it for the target grid (÷downsample) and for the preview grid
     (an image half the side, ÷downsample again), bicubic like `preprocess`."""
     s = image.width
@@ -145,7 +145,7 @@ def _work(job: _Job) -> dict:
         if job.kind == "scenes":
             scene = sample_scene(rng, split=job.split)
             im = render(scene, job.size)
-            half, quarter = tokenizer_views(im, job.size // job.grid)
+            half, quarter = tokenizer_views(im)
             add("images", np.asarray(im)), add("half", half), add("quarter", quarter)
             add("captions", all_captions(scene))
             add("texts", [t.text for t in scene.texts])
@@ -153,8 +153,8 @@ def _work(job: _Job) -> dict:
             edit = sample_edit(rng, split=job.split)
             src, tgt = render(edit.source, job.size), render(edit.target, job.size)
             add("source", np.asarray(src)), add("target", np.asarray(tgt))
-            add("source_half", tokenizer_views(src, job.size // job.grid)[0])
-            add("target_half", tokenizer_views(tgt, job.size // job.grid)[0])
+            add("source_half", tokenizer_views(src)[0])
+            add("target_half", tokenizer_views(tgt)[0])
             add("instructions", edit.instruction)
             add("kinds", edit.kind)
     return out

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from glmimage.checkpoint import TIED_T5
 from glmimage.config import preset
 from glmimage.dit import sample as dsample
 from glmimage.dit.model import DiT
@@ -157,9 +157,8 @@ def main(cfg: DiTTrainConfig) -> Path:
     bar.close()
     log.plot(f"dit · step {cfg.steps}")
     log.close()
-    save_file({k: v.contiguous() for k, v in ema_dit.state_dict().items()}, str(out / "dit.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema_glyph.encoder.state_dict().items()
-               if k != "encoder.embed_tokens.weight"}, str(out / "glyph.safetensors"))
+    C.save_weights(ema_dit, out / "dit.safetensors")
+    C.save_weights(ema_glyph.encoder, out / "glyph.safetensors", skip=(TIED_T5,))  # tied to shared.weight
     return out
 
 

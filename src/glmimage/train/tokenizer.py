@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from glmimage.config import preset
@@ -131,6 +131,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     n = len(data)
     n_val = min(1000, n // 10)  # the last images: never trained on, for the reading accuracy
     mean, std = mcfg.vq.image_mean, mcfg.vq.image_std
+    patches = code_patches(mcfg.vq.codebook_size)  # drawn once: samples.png and the stage output
 
     torch.manual_seed(cfg.seed)
     vq = VisualTokenizer(mcfg.vq)
@@ -163,7 +164,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
             val = np.arange(n - n_val, n)
             read = read_ids(vq, images[val], mean, std)
             log.scalars(step, **{f"val_{k}": v for k, v in _accuracies(torch.from_numpy(read), ids[val]).items()})
-            _samples(vq, images[n - 8:], ids[n - 8:].numpy(), read[-8:], grid, mcfg, out / "samples.png")
+            _samples(images[n - 8:], ids[n - 8:].numpy(), read[-8:], grid, patches, out / "samples.png")
             log.plot(f"tokenizer · step {done}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             C.save_checkpoint(out, {"vq": vq}, opt, done)
@@ -171,8 +172,8 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     log.plot(f"tokenizer · step {cfg.steps}")
     log.close()
     vq.eval()
-    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(out / "vq.safetensors"))
-    np.save(out / "code_patches.npy", code_patches(mcfg.vq.codebook_size))
+    C.save_weights(vq, out / "vq.safetensors")
+    np.save(out / "code_patches.npy", patches)
     return out
 
 
@@ -200,8 +201,7 @@ def read_ids(vq: VisualTokenizer, images: np.ndarray, mean, std, batch: int = 50
     return np.concatenate(out)
 
 
-def _samples(vq, images, ids, read, grid, mcfg, path: Path) -> None:
-    patches = code_patches(mcfg.vq.codebook_size)
+def _samples(images, ids, read, grid, patches, path: Path) -> None:
     scale = images.shape[1] // (grid * PATCH) if images.shape[1] >= grid * PATCH else 1
     real = [np.asarray(im) for im in images]
     says = [ids_to_image(i, patches, grid, grid) for i in ids]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from glmimage.config import preset
@@ -123,7 +123,7 @@ def main(cfg: VAETrainConfig) -> Path:
     std = zs.std(dim=(0, 2, 3)).tolist()
     config = {**mcfg.vae, "latents_mean": mean, "latents_std": std}
     (out / "vae.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "vae.safetensors"))
+    C.save_weights(model, out / "vae.safetensors")
 
     # Stage output for the DiT: normalised latents of every training image (and both sides of every edit pair)
     vae = load_trained(cfg.out)
