@@ -35,15 +35,42 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="AR top-k sampling (GLM-Image reference: 50)")
     p.add_argument("--greedy", action="store_true", help="greedy AR decoding (deterministic, usually flatter images)")
     p.add_argument("--n", type=int, default=1, help="images to generate (one batch)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, npu, mps or auto (default)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 for the AR and DiT")
+    _engine(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _run(args: argparse.Namespace, images: list[str] | None) -> None:
-    import glmimage
+def _engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, npu, mps or auto (default)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 for the AR and DiT")
+    p.add_argument("--ar-device", default=None, help="device of the AR stage (AR + visual tokenizer); default --device")
+    p.add_argument("--dit-device", default=None, help="device of the DiT stage (DiT + glyph encoder + VAE); "
+                   "default --device")
+    p.add_argument("--offload", action="store_true", help="keep idle stages in CPU memory; each stage moves to its "
+                   "device only while it runs (less device memory, some transfer time)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="weight-only int8 for the linear layers of the AR and the DiT")
+    p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step (falls back to eager "
+                   "with one log line where compilation fails)")
 
-    pipe = glmimage.load(args.model, device=args.device, dtype=args.dtype)
+
+def load_engine(model: str, args: argparse.Namespace):
+    """Load a model and apply the engine options of `_engine` (quantize on the CPU, then place, then compile)."""
+    import glmimage
+    from glmimage.pipeline import resolve_device
+
+    dev = resolve_device(args.device)
+    split = args.offload or args.ar_device or args.dit_device or args.quantize != "none"
+    pipe = glmimage.load(model, device="cpu" if split else dev, dtype=args.dtype)
+    pipe.quantize(args.quantize)
+    if split:
+        pipe.place(ar_device=args.ar_device or dev, dit_device=args.dit_device or dev, offload=args.offload)
+    if args.compile:
+        pipe.compile()
+    return pipe
+
+
+def _run(args: argparse.Namespace, images: list[str] | None) -> None:
+    pipe = load_engine(args.model, args)
     width, height = args.size if args.size else (None, None)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -58,6 +85,7 @@ def _run(args: argparse.Namespace, images: list[str] | None) -> None:
     t = result.timings
     print(f"wrote {', '.join(map(str, paths))}  ({result.images[0].width}x{result.images[0].height})")
     print(f"timings: ar {t['ar']:.2f}s  dit {t['dit']:.2f}s  vae {t['vae']:.2f}s  total {t['total']:.2f}s")
+    print("peak memory: " + "  ".join(f"{k} {v:.0f} MiB" for k, v in result.peak_memory.items()))
 
 
 def _parse_set(items: list[str]) -> dict:

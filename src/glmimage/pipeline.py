@@ -1,6 +1,10 @@
 """The one inference entry point: prompt (+ condition images) -> image(s), with stage timings."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ from glmimage.config import ModelConfig
 from glmimage.dit import sample as dsample
 from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
+from glmimage.quant import QUANT_TYPES, quantize_int8
 from glmimage.tokenizer.text import TextTokenizer
 from glmimage.tokenizer.vq import VisualTokenizer, preprocess, smart_resize
 from glmimage.vae import VAE
@@ -24,6 +29,8 @@ from glmimage.vae import VAE
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "npu", "mps")
+STAGES = {"ar": ("ar", "vq"), "dit": ("dit", "glyph", "vae")}  # stage -> the modules it runs
+log = logging.getLogger("glmimage")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -68,6 +75,13 @@ class Result:
     images: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # seconds: ar, dit, vae, total
     prior_ids: torch.Tensor | None = None  # (B, th, tw) target-grid ids written by the AR
+    peak_memory: dict[str, float] = field(default_factory=dict)  # MiB: per accelerator used, and the host's "cpu"
+
+
+def peak_host_memory_mib() -> float:
+    """High-water mark of this process's resident memory (ru_maxrss) in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:
@@ -96,13 +110,88 @@ class Pipeline:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.ar, self.vq, self.dit, self.glyph, self.vae = ar, vq, dit, glyph, vae
         self.device, self.dtype = device, dtype
+        self.stage_device = {"ar": device, "dit": device}
+        self.offload = False  # park idle stages in CPU memory (place(offload=True))
+        self.quantization = "none"
+        self._decode = argen.decode_one_token  # the AR decode step; compile() swaps in a compiled one
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"ar": self.ar, "vq": self.vq, "dit": self.dit, "glyph": self.glyph, "vae": self.vae}
 
+    # ---------------------------------------------------------------------------------------------------------
+    # Engine options: placement, offload, weight-only int8, compiled decode
+    def place(self, *, ar_device: str | torch.device | None = None, dit_device: str | torch.device | None = None,
+              offload: bool = False) -> "Pipeline":
+        """Put the AR stage (AR + visual tokenizer) and the DiT stage (DiT + glyph encoder + VAE) on their devices.
+        offload=True keeps both in CPU memory and moves each stage to its device only while it runs (peak device
+        memory: the larger stage instead of both)."""
+        for stage, dev in (("ar", ar_device), ("dit", dit_device)):
+            if dev is not None:
+                self.stage_device[stage] = resolve_device(dev)
+        self.offload = offload
+        for stage in STAGES:
+            self._move(stage, torch.device("cpu") if offload else self.stage_device[stage])
+        return self
+
+    def _move(self, stage: str, device: torch.device) -> None:
+        for name in STAGES[stage]:
+            self.modules()[name].to(device)
+
+    @contextlib.contextmanager
+    def _running(self, stage: str):
+        """Bring a stage's modules to its device for the duration of the block (and back to CPU when offloading)."""
+        device = self.stage_device[stage]
+        if self.offload:
+            self._move(stage, device)
+        try:
+            yield device
+        finally:
+            if self.offload:
+                self._move(stage, torch.device("cpu"))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def quantize(self, kind: str = "int8") -> "Pipeline":
+        """Weight-only int8 for every linear layer of the AR model and the DiT (in place; see glmimage/quant.py).
+        The visual tokenizer, glyph encoder and VAE keep their weights (small, and the VAE needs its precision)."""
+        if kind not in QUANT_TYPES:
+            raise ValueError(f"unknown quantization {kind!r}; valid: {', '.join(QUANT_TYPES)}")
+        if kind == "int8" and self.quantization != "int8":
+            quantize_int8(self.ar)
+            quantize_int8(self.dit)
+            self.quantization = "int8"
+        return self
+
+    def compile(self) -> "Pipeline":
+        """Compile the AR decode step (torch.compile, static shapes, CUDA graphs on CUDA). When compilation fails
+        the first generation logs one line and decodes eagerly."""
+        mode = "reduce-overhead" if self.stage_device["ar"].type == "cuda" else "default"
+        self._decode = torch.compile(argen.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        return self
+
+    def _generate_tokens(self, layouts: list, **kw) -> torch.Tensor:
+        if self._decode is argen.decode_one_token:
+            return argen.generate(self.ar, layouts, decode=self._decode, **kw)
+        try:
+            return argen.generate(self.ar, layouts, decode=self._decode, **kw)
+        except Exception as e:  # noqa: BLE001  a compiler failure of any kind: fall back, loudly, once
+            log.warning("torch.compile of the AR decode step failed (%s: %s); decoding eagerly",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._decode = argen.decode_one_token
+            return argen.generate(self.ar, layouts, decode=self._decode, **kw)
+
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for dev in set(self.stage_device.values()):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+    def _peak_memory(self) -> dict[str, float]:
+        out = {}
+        for dev in set(self.stage_device.values()):
+            if dev.type == "cuda":
+                out[str(dev)] = torch.cuda.max_memory_allocated(dev) / 2**20
+        out["cpu"] = peak_host_memory_mib()
+        return out
 
     # ---------------------------------------------------------------------------------------------------------
     def validate(self, prompts: list[str], height: int, width: int, steps: int) -> None:
@@ -124,7 +213,7 @@ class Pipeline:
         d = self.cfg.vq.downsample
         if (image.height, image.width) != (h * d, w * d):  # keep the VQ grid and the latent grid aligned
             image = image.resize((w * d, h * d), Image.LANCZOS)
-        pixels = preprocess(image, self.cfg.vq).to(self.device, self.dtype)
+        pixels = preprocess(image, self.cfg.vq).to(self.stage_device["ar"], self.dtype)
         return image, self.vq.encode(pixels)[0]
 
     @torch.no_grad()
@@ -142,80 +231,93 @@ class Pipeline:
         guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
         self.validate(prompts, height, width, steps)
         conds = [load_image(im) for im in (images or [])]
+        for dev in set(self.stage_device.values()):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
         t_start = time.perf_counter()
         b = len(prompts)
 
         # 1. AR: condition images -> VQ ids in the prompt; write the preview grid (text-to-image) then the target grid
         target, preview = self.cfg.grids(height, width)
-        cond_tokens = [self.condition_tokens(im) for im in conds]
-        layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
-                                       cond=[(ids.flatten(), *ids.shape) for _, ids in cond_tokens])
-                   for p in prompts]
-        gen = torch.Generator(self.device).manual_seed(seed)
-        n_new = layouts[0].num_new
-        with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
-            tokens = argen.generate(self.ar, layouts, codebook_size=self.cfg.vq.codebook_size,
-                                    pad_id=self.tokenizer.pad_id,
-                                    temperature=sc.temperature if temperature is None else temperature,
-                                    top_p=sc.top_p if top_p is None else top_p,
-                                    top_k=sc.top_k if top_k is None else top_k, greedy=greedy, generator=gen,
-                                    progress=bar)
-        th, tw = target
-        grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
-        self._sync()
+        with self._running("ar") as dev:
+            cond_tokens = [self.condition_tokens(im) for im in conds]
+            layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
+                                           cond=[(ids.flatten(), *ids.shape) for _, ids in cond_tokens])
+                       for p in prompts]
+            n_new = layouts[0].num_new
+            with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
+                tokens = self._generate_tokens(
+                    layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
+                    temperature=sc.temperature if temperature is None else temperature,
+                    top_p=sc.top_p if top_p is None else top_p, top_k=sc.top_k if top_k is None else top_k,
+                    greedy=greedy, generator=torch.Generator(dev).manual_seed(seed), progress=bar)
+            th, tw = target
+            grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
+            cond_ids = [ids for _, ids in cond_tokens]
+            self._sync()
         t_ar = time.perf_counter()
 
         # 2. DiT: flow matching on VAE latents, prior = target grid upsampled ×2, CFG in one batched call
+        with self._running("dit") as dev:
+            latents = self._denoise(prompts, [im for im, _ in cond_tokens], cond_ids, grid.to(dev), height=height,
+                                    width=width, steps=steps, guidance=guidance, seed=seed, progress=progress)
+            self._sync()
+            t_dit = time.perf_counter()
+
+            # 3. VAE decode
+            out = to_pil(self.vae.decode(latents))
+            self._sync()
+        t_end = time.perf_counter()
+        timings = {"ar": t_ar - t_start, "dit": t_dit - t_ar, "vae": t_end - t_dit, "total": t_end - t_start}
+        return Result(images=out, timings=timings, prior_ids=grid.cpu(), peak_memory=self._peak_memory())
+
+    def _denoise(self, prompts: list[str], cond_images: list[Image.Image], cond_ids: list[torch.Tensor],
+                 grid: torch.Tensor, *, height: int, width: int, steps: int, guidance: float, seed: int,
+                 progress: bool) -> torch.Tensor:
+        """Guided Euler sampling of the DiT -> latents (B, C, H/f, W/f) float32. grid: (B, th, tw) AR ids."""
+        dev, b = self.stage_device["dit"], len(prompts)
         prior = upsample_ids(grid)
         glyph, glyph_mask = self.glyph.encode(prompts)
         f = self.cfg.vae_factor
         noise = torch.randn((b, self.cfg.dit.in_channels, height // f, width // f),
-                            generator=torch.Generator().manual_seed(seed)).to(self.device)
+                            generator=torch.Generator().manual_seed(seed)).to(dev)
         cond_kv = None
-        if conds:
-            lat = [self.vae.encode(pil_to_tensor(im).to(self.device)).to(self.dtype) for im, _ in cond_tokens]
-            cond_kv = self.dit.condition_kv(lat, [upsample_ids(ids[None]) for _, ids in cond_tokens],
-                                            [(im.height, im.width) for im, _ in cond_tokens])
+        if cond_images:
+            lat = [self.vae.encode(pil_to_tensor(im).to(dev)).to(self.dtype) for im in cond_images]
+            cond_kv = self.dit.condition_kv(lat, [upsample_ids(ids[None].to(dev)) for ids in cond_ids],
+                                            [(im.height, im.width) for im in cond_images])
         use_cfg = guidance > 1.0
-        size = torch.tensor([[height, width]] * b, device=self.device, dtype=torch.float32)
-        if use_cfg:
+        size = torch.tensor([[height, width]] * b, device=dev, dtype=torch.float32)
+        if use_cfg:  # both branches in one batch: rows [cond ; uncond]
             neg, neg_mask = self.glyph.encode([""] * b)
             n = max(glyph.shape[1], neg.shape[1])
             glyph = torch.cat([F.pad(glyph, (0, 0, 0, n - glyph.shape[1])), F.pad(neg, (0, 0, 0, n - neg.shape[1]))])
             glyph_mask = torch.cat([F.pad(glyph_mask, (0, n - glyph_mask.shape[1])),
                                     F.pad(neg_mask, (0, n - neg_mask.shape[1]))])
-            prior2 = torch.cat([prior, prior])
-            drop = torch.tensor([False] * b + [True] * b, device=self.device)
-            size2 = torch.cat([size, size])
+            prior, size = torch.cat([prior, prior]), torch.cat([size, size])
+            drop = torch.tensor([False] * b + [True] * b, device=dev)
         else:
-            prior2, drop, size2 = prior, torch.zeros(b, dtype=torch.bool, device=self.device), size
+            drop = torch.zeros(b, dtype=torch.bool, device=dev)
         glyph = glyph.to(self.dtype)
+        p = self.cfg.dit.patch_size
+        n_patches = (height // f // p) * (width // f // p)
+        # the key mask is the same at every step: build it once per request (no host sync inside the loop)
+        mask = self.dit.attention_mask(glyph_mask, n_patches, cond_kv=cond_kv, use_cond=~drop)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             xx = torch.cat([x, x]) if use_cfg else x
             tt = torch.cat([t, t]) if use_cfg else t
-            v = self.dit(xx.to(self.dtype), tt, prior_ids=prior2, prior_drop=drop, glyph=glyph,
-                         target_size=size2, glyph_mask=glyph_mask, cond_kv=cond_kv, use_cond=~drop).float()
+            v = self.dit(xx.to(self.dtype), tt, prior_ids=prior, prior_drop=drop, glyph=glyph, target_size=size,
+                         cond_kv=cond_kv, attn_mask=mask).float()
             return dsample.cfg_combine(*v.chunk(2), guidance) if use_cfg else v
 
         sch = self.cfg.schedule
         ts = dsample.timesteps(steps, sch.num_train_timesteps)
-        mu = dsample.shift_mu((height // f // self.cfg.dit.patch_size) * (width // f // self.cfg.dit.patch_size),
-                              base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
+        mu = dsample.shift_mu(n_patches, base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
                               max_shift=sch.max_shift)
         sigmas = dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
-            latents = dsample.sample(velocity, noise, ts, sigmas, progress=bar)
-        self._sync()
-        t_dit = time.perf_counter()
-
-        # 3. VAE decode
-        pixels = self.vae.decode(latents)
-        out = to_pil(pixels)
-        self._sync()
-        t_end = time.perf_counter()
-        timings = {"ar": t_ar - t_start, "dit": t_dit - t_ar, "vae": t_end - t_dit, "total": t_end - t_start}
-        return Result(images=out, timings=timings, prior_ids=grid.cpu())
+            return dsample.sample(velocity, noise, ts, sigmas, progress=bar)
 
 
 def upsample_ids(ids: torch.Tensor) -> torch.Tensor:

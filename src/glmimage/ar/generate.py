@@ -120,8 +120,12 @@ def decode_one_token(model: ARModel, tok: torch.Tensor, pos: torch.Tensor, mask:
 @torch.no_grad()
 def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_id: int, temperature: float = 0.9,
              top_p: float | None = 0.75, top_k: int | None = None, greedy: bool = False,
-             generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
-    """Write every grid of every prompt -> ids (B, N), N = sum of grid sizes (all prompts share one layout)."""
+             generator: torch.Generator | None = None, progress=None, decode=decode_one_token) -> torch.Tensor:
+    """Write every grid of every prompt -> ids (B, N), N = sum of grid sizes (all prompts share one layout).
+
+    Prompts of different lengths are left-padded into one batch. The decode loop keeps every tensor on the
+    device (positions, masks and sampling included): nothing waits for the host between tokens. `decode` is
+    `decode_one_token` or a compiled version of it (static shapes: one compilation per batch size and length)."""
     if len({p.grids for p in prompts}) != 1:
         raise ValueError("all prompts of a batch must request the same grids (same size and mode)")
     device = model.embed_tokens.weight.device
@@ -141,10 +145,11 @@ def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_i
     out = torch.empty(b, n, dtype=torch.long, device=device)
     out[:, 0] = pick(prefill(model, ids, pos, key_valid))
     slots = torch.arange(s, device=device)
+    cache_pos = torch.arange(t, t + n, device=device)  # the cache slot of each decoded token
     for i in range(n - 1):
-        input_pos = torch.tensor([t + i], device=device)
-        mask = ((slots <= t + i)[None] & key_valid)[:, None, None, :]
-        out[:, i + 1] = pick(decode_one_token(model, out[:, i], dpos[:, :, i:i + 1], mask, input_pos))
+        input_pos = cache_pos[i:i + 1]
+        mask = ((slots <= input_pos) & key_valid)[:, None, None, :]  # (B, 1, 1, S)
+        out[:, i + 1] = pick(decode(model, out[:, i], dpos[:, :, i:i + 1], mask, input_pos))
         if progress is not None:
             progress.update(1)
     return out

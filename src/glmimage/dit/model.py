@@ -145,8 +145,9 @@ class DiT(nn.Module):
         p = self.cfg.patch_size
         h, w = hh // p, ww // p
         patches = x.view(b, -1, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, -1)  # (B, N, C*p*p)
-        prior = self.prior_embedding(prior_ids) * (~prior_drop).to(x.dtype)[:, None, None]  # dropped rows -> 0
-        x = self.x_embedder(patches.to(self.x_embedder.weight.dtype)) + self.prior_projector(prior)
+        dtype = self.prior_embedding.weight.dtype  # the model's dtype (linear weights may be int8)
+        prior = self.prior_embedding(prior_ids) * (~prior_drop).to(dtype)[:, None, None]  # dropped rows -> 0
+        x = self.x_embedder(patches.to(dtype)) + self.prior_projector(prior)
         c = self.glyph_embedder(glyph.to(x.dtype))
         temb = self.t_embedder(t, target_size, crop, x.dtype)
         rope = rope_2d_cos_sin(h, w, self.cfg.head_dim, theta=self.cfg.rope_theta, device=x.device)
@@ -155,18 +156,24 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, prior_ids: torch.Tensor, prior_drop: torch.Tensor,
                 glyph: torch.Tensor, target_size: torch.Tensor, crop: torch.Tensor | None = None,
                 glyph_mask: torch.Tensor | None = None, cond_kv: list[KV] | None = None,
-                use_cond: torch.Tensor | None = None) -> torch.Tensor:
+                use_cond: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity prediction.
 
         x: (B, C, H, W) latents; t: (B,) raw timesteps; prior_ids: (B, H/p * W/p); prior_drop: (B,) bool;
         glyph: (B, L, glyph_dim); target_size, crop: (B, 2) pixels; glyph_mask: (B, L) bool (False = padding);
-        cond_kv: per-layer condition-image K/V from `condition_kv`, read by rows where use_cond (B,) is True
-        -> (B, C, H, W).
+        cond_kv: per-layer condition-image K/V from `condition_kv`, read by rows where use_cond (B,) is True;
+        attn_mask: the key mask from `attention_mask` when the caller built it once (sampling loops); then
+        glyph_mask and use_cond are not read -> (B, C, H, W).
         """
         b = x.shape[0]
         crop = torch.zeros_like(target_size) if crop is None else crop
         h_, c, temb, rope, (h, w) = self._embed(x, t, prior_ids, prior_drop, glyph, target_size, crop)
-        mask = self._mask(b, glyph.shape[1], h * w, glyph_mask, cond_kv, use_cond, x.device)
+        if attn_mask is None:
+            mask = self.attention_mask(glyph_mask if glyph_mask is not None else
+                                       torch.ones(b, glyph.shape[1], dtype=torch.bool, device=x.device),
+                                       h * w, cond_kv=cond_kv, use_cond=use_cond)
+        else:
+            mask = attn_mask
         for i, blk in enumerate(self.blocks):
             h_, c, _ = blk(h_, c, temb, rope, None if cond_kv is None else cond_kv[i], mask)
         scale, shift = self.final_adaLN(temb)[:, None].chunk(2, dim=-1)
@@ -203,20 +210,17 @@ class DiT(nn.Module):
                 for i in range(len(self.blocks))]
 
     @staticmethod
-    def _mask(b, l, n, glyph_mask, cond_kv, use_cond, device) -> torch.Tensor | None:
-        """Key mask (B, 1, 1, prefix + L + N) or None when every key is visible."""
-        parts, needed = [], False
+    def attention_mask(glyph_mask: torch.Tensor, n_patches: int, *, cond_kv: list[KV] | None = None,
+                       use_cond: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Key mask (B, 1, 1, prefix + L + N) over [condition K/V ; glyph ; image], or None when every key is
+        visible (SDPA's fast path). glyph_mask: (B, L) bool; use_cond: (B,) rows that read the condition images."""
+        b, device = glyph_mask.shape[0], glyph_mask.device
+        parts, needed = [], not bool(glyph_mask.all())
         if cond_kv is not None:
-            lc = cond_kv[0][0].shape[2]
             keep = torch.ones(b, dtype=torch.bool, device=device) if use_cond is None else use_cond.to(device)
             needed |= not bool(keep.all())
-            parts.append(keep[:, None].expand(b, lc))
-        if glyph_mask is not None:
-            needed |= not bool(glyph_mask.all())
-            parts.append(glyph_mask.to(device))
-        else:
-            parts.append(torch.ones(b, l, dtype=torch.bool, device=device))
-        parts.append(torch.ones(b, n, dtype=torch.bool, device=device))
+            parts.append(keep[:, None].expand(b, cond_kv[0][0].shape[2]))
+        parts += [glyph_mask, torch.ones(b, n_patches, dtype=torch.bool, device=device)]
         return torch.cat(parts, dim=1)[:, None, None] if needed else None
 
 

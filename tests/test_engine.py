@@ -1,0 +1,135 @@
+"""The engine's fast paths give the plain path's outputs: compiled decode, int8 weights, placement and offload."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import glmimage
+from glmimage.ar import generate as argen
+from glmimage.cli import main as cli
+from glmimage.quant import Int8Linear, quantize_int8
+
+KW = dict(greedy=True, num_inference_steps=3, progress=False)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return glmimage.load("debug", device="cpu")
+
+
+def random_dit(p):
+    """The debug DiT is zero-initialised (adaLN gates, output layer): give it weights that make a velocity."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in p.dit.parameters():
+            if t.abs().max() == 0:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    return p
+
+
+def ar_logits(p):
+    lay = argen.layout_prompt(p.tokenizer, "a red circle 'HI'", target=(2, 2), preview=(4, 4))
+    n = lay.ids.numel()
+    with torch.no_grad():
+        return p.ar(lay.ids[None], lay.pos[:, None], torch.ones(n, n, dtype=torch.bool).tril()[None, None])
+
+
+def dit_velocity(p, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, p.cfg.dit.in_channels, 8, 8, generator=g)
+    glyph, mask = p.glyph.encode(["a sign 'OPEN'", "no text"])
+    with torch.no_grad():
+        return p.dit(x.to(dtype), torch.tensor([500.0, 20.0]), prior_ids=torch.randint(0, 64, (2, 16), generator=g),
+                     prior_drop=torch.tensor([False, True]), glyph=glyph.to(dtype), glyph_mask=mask,
+                     target_size=torch.tensor([[64.0, 64.0]] * 2))
+
+
+def test_int8_linear_matches_float_within_one_percent():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384)
+    q = Int8Linear.from_linear(lin)
+    assert q.weight.dtype == torch.int8 and q.scale.shape == (384,)
+    x = torch.randn(5, 7, 256)
+    err = rel_err(q(x), lin(x))
+    assert 1e-4 < err < 0.01  # it is quantized (not a copy), and close
+    qb = Int8Linear.from_linear(nn.Linear(256, 384).to(torch.bfloat16))
+    assert qb(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_pipeline_error_is_small_and_weights_shrink():
+    plain = random_dit(glmimage.load("debug", device="cpu"))
+    quant = random_dit(glmimage.load("debug", device="cpu")).quantize("int8")
+    assert not any(isinstance(m, nn.Linear) for m in list(quant.ar.modules()) + list(quant.dit.modules()))
+    assert 0 < rel_err(ar_logits(quant), ar_logits(plain)) < 0.02
+    assert 0 < rel_err(dit_velocity(quant), dit_velocity(plain)) < 0.02
+    out = quant("a red circle 'HI'", **KW)
+    assert np.asarray(out.images[0]).std() > 1  # a real image, not a constant
+    with pytest.raises(ValueError, match="int8"):
+        quant.quantize("int4")
+
+
+def test_int8_counts_layers():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
+    assert quantize_int8(m) == 2 and isinstance(m[1][1], Int8Linear)
+
+
+def test_compiled_decode_equals_eager(pipe):
+    eager = pipe(["a red circle", "two blue squares 'AB'"], **KW)
+    fast = glmimage.load("debug", device="cpu").compile()
+    out = fast(["a red circle", "two blue squares 'AB'"], **KW)
+    assert fast._decode is not argen.decode_one_token  # it compiled (no fallback on this machine)
+    assert torch.equal(out.prior_ids, eager.prior_ids)
+    again = fast(["a green star", "a yellow sign 'XY'"], seed=3, **KW)  # second call: no recompilation needed
+    assert again.prior_ids.shape == eager.prior_ids.shape
+
+
+def test_compile_failure_falls_back_to_eager_with_one_log_line(pipe, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nlong backtrace")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    p = glmimage.load("debug", device="cpu").compile()
+    with caplog.at_level(logging.WARNING, logger="glmimage"):
+        out = p("a red circle", **KW)
+    assert torch.equal(out.prior_ids, pipe("a red circle", **KW).prior_ids)
+    lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0] and "backtrace" not in lines[0]
+
+
+def test_offload_and_placement_give_the_same_images(pipe):
+    plain = pipe("a red circle 'HI'", **KW)
+    p = glmimage.load("debug", device="cpu").place(ar_device="cpu", dit_device="cpu", offload=True)
+    out = p("a red circle 'HI'", **KW)
+    assert p.stage_device == {"ar": torch.device("cpu"), "dit": torch.device("cpu")}
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(plain.images[0]))
+    assert all(t.device.type == "cpu" for m in p.modules().values() for t in m.state_dict().values())
+    with pytest.raises(ValueError, match="valid"):
+        p.place(ar_device="tpu")
+
+
+def test_peak_memory_is_reported(pipe):
+    out = pipe("a red circle", **KW)
+    assert out.peak_memory["cpu"] > 50  # MiB: at least the interpreter and torch
+
+
+def test_bf16_int8_runs():
+    p = random_dit(glmimage.load("debug", device="cpu", dtype="bfloat16")).quantize("int8")
+    v = dit_velocity(p, torch.bfloat16)
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    assert np.asarray(p("a star", **KW).images[0]).std() > 1
+
+
+def test_cli_engine_options(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli(["generate", "a red circle", "-o", str(out), "--quantize", "int8", "--offload", "--quiet",
+                "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "peak memory: cpu" in text
+    assert cli(["generate", "a red circle", "-o", str(out), "--ar-device", "tpu"]) == 2
+    assert "valid" in capsys.readouterr().err
