@@ -70,6 +70,26 @@ def test_sample_filters():
     assert draws == {3}  # p(3) = 0.64 > 0.5 alone
 
 
+@pytest.mark.parametrize("top_k,top_p", [(20, 0.6), (None, 0.6), (20, None), (7, 0.95)])
+def test_sample_matches_the_transformers_filters(top_k, top_p):
+    """The sampler (nucleus cut from the top-k survivors) draws from the distribution of transformers' warpers
+    (temperature, TopKLogitsWarper, TopPLogitsWarper over the whole vocabulary)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(0)) * 2
+    warped = TemperatureLogitsWarper(0.8)(None, logits.clone())
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = warped.softmax(-1)[0]
+    g = torch.Generator().manual_seed(1)
+    draws = argen.sample(logits.expand(20000, -1), temperature=0.8, top_k=top_k, top_p=top_p, generator=g)
+    freq = torch.bincount(draws, minlength=100).float() / draws.numel()
+    assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(expected).flatten().tolist())
+    assert (freq - expected).abs().max() < 0.015
+
+
 def test_condition_kv_rows_and_glyph_padding_are_masked(pipe):
     """Rows that skip the condition cache equal a call without it; masked glyph padding equals no padding."""
     dit = pipe.dit

@@ -133,3 +133,13 @@ def test_cli_engine_options(tmp_path, capsys):
     assert out.is_file() and "peak memory: cpu" in text
     assert cli(["generate", "a red circle", "-o", str(out), "--ar-device", "tpu"]) == 2
     assert "valid" in capsys.readouterr().err
+
+
+def test_vae_precision_follows_the_dtype_where_it_is_safe():
+    """fp16 overflows in the VAE decoder, so it decodes in fp32 there; bf16 (fp32's range) decodes in bf16."""
+    half = glmimage.load("debug", device="cpu", dtype="float16")
+    bf = glmimage.load("debug", device="cpu", dtype="bfloat16")
+    fp = glmimage.load("debug", device="cpu")
+    assert half.vae.model.dtype == torch.float32 and bf.vae.model.dtype == torch.bfloat16
+    z = torch.randn(1, fp.cfg.dit.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert rel_err(bf.vae.decode(z), fp.vae.decode(z)) < 0.02

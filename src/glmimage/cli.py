@@ -1,4 +1,4 @@
-"""Command line: `glmimage generate | edit | convert | train | eval`."""
+"""Command line: `glmimage generate | edit | convert | train | eval | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -167,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--temperature", type=float, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="runs/eval", help="folder for world_eval.json and the sample sheets")
+    bn = sub.add_parser("bench", help="glmimage vs the reference GlmImagePipeline on the same random weights",
+                        description="Time glmimage and the reference pipeline (transformers + diffusers) side by side "
+                        "on the same random weights, each variant in its own process; reports AR tokens/s, DiT "
+                        "s/step, VAE s, end to end, peak memory, ratios and the fraction of the roofline reached.")
+    bn.add_argument("model_size", nargs="?", default="small", choices=["debug", "small", "glm-image"],
+                    help="debug (seconds), small (about 100 M parameters per component; default) or glm-image "
+                    "(official size; GPU only)")
+    bn.add_argument("--size", type=_size, default=(256, 256), help="WIDTHxHEIGHT (default 256x256)")
+    bn.add_argument("--steps", type=int, default=8, help="DiT steps of the timed generation (default 8)")
+    bn.add_argument("--variants", default=None, help="comma-separated ENGINE:DTYPE[+int8], ENGINE ours or ref "
+                    "(default: ref and ours in float32 and bfloat16, ours also with int8 weights)")
+    bn.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bn.add_argument("--compile", action="store_true", help="compile glmimage's AR decode step")
+    bn.add_argument("--out", default="runs/bench", help="folder for bench.json")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -182,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         elif args.command == "train":
             _train(args)
+        elif args.command == "bench":
+            from glmimage import bench
+
+            variants = [bench.Variant.parse(v) for v in (args.variants or bench.DEFAULT_VARIANTS).split(",") if v]
+            if args.steps < 1:
+                raise ValueError(f"--steps must be >= 1, got {args.steps}")
+            report = bench.run(args.model_size, variants=variants, width=args.size[0], height=args.size[1],
+                               steps=args.steps, device=args.device, compile=args.compile, out=args.out)
+            print(bench.format_table(report))
+            print(f"wrote {Path(args.out) / 'bench.json'}")
         elif args.command == "eval":
             import glmimage
             from glmimage.eval.world import EvalConfig, evaluate, format_table

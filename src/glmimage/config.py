@@ -134,6 +134,24 @@ def _world() -> ModelConfig:
     )
 
 
+def _small() -> ModelConfig:
+    """The benchmark's middle size: about 100 M parameters per component, official geometry (32-px tokens, 16-side
+    preview, 8× VAE, byte-level prompts), random weights. Sized so that the reference runs it on a CPU."""
+    codebook = 16384
+    return ModelConfig(
+        ar=ARConfig(vocab_size=codebook + 6 + 256, vision_vocab_size=codebook, dim=768, n_layers=12, n_heads=12,
+                    n_kv_heads=2, intermediate_size=2048, mrope_section=(4, 6, 6)),
+        vq=VQConfig(dim=768, n_layers=12, n_heads=12, intermediate_size=3072, patch_size=16, pos_grid=64,
+                    codebook_size=codebook, code_dim=256, min_pixels=64 * 64, max_pixels=1024 * 1024),
+        dit=DiTConfig(in_channels=16, patch_size=2, n_layers=10, n_heads=12, head_dim=64, glyph_dim=512,
+                      time_embed_dim=256, condition_dim=64, codebook_size=codebook),
+        glyph=dict(vocab_size=384, d_model=512, d_kv=64, d_ff=1536, num_layers=8, num_heads=8,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        vae=dict(VAE_PRESETS["glm-image"], block_out_channels=[128, 256, 512, 512], layers_per_block=2),
+        sampling=SamplingConfig(height=256, width=256, num_inference_steps=8),
+    )
+
+
 def _official() -> ModelConfig:
     return ModelConfig(ar=ARConfig(**AR_PRESETS["glm-image"]), vq=VQConfig(**VQ_PRESETS["glm-image"]),
                        dit=DiTConfig(**DIT_PRESETS["glm-image"]), glyph=dict(GLYPH_PRESETS["glm-image"]),
@@ -143,8 +161,9 @@ def _official() -> ModelConfig:
 # name -> builder. Parameter counts (meta device, tests/test_config.py):
 #   glm-image: AR side 10.11 B (LM 8.85 B + ViT 1.16 B + VQ 0.04 B + head 0.07 B), DiT 6.93 B, VAE 0.41 B, ByT5 0.22 B
 #   debug:     a few hundred thousand per component; seconds on a CPU
+#   small:     AR 99 M, ViT+VQ 93 M, DiT 110 M, ByT5 27 M, VAE 82 M: the benchmark's CPU size (random weights)
 #   world:     the embedded model's geometry (random weights; the trained one ships in glmimage/assets/world)
-PRESETS = {"glm-image": _official, "world": _world, "debug": _debug}
+PRESETS = {"glm-image": _official, "small": _small, "world": _world, "debug": _debug}
 
 
 def preset(name: str) -> ModelConfig:

@@ -21,7 +21,7 @@ from glmimage.config import ModelConfig
 from glmimage.dit import sample as dsample
 from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
-from glmimage.quant import QUANT_TYPES, quantize_int8
+from glmimage.quant import QUANT_TYPES, quantize_int8, use_decode_linears
 from glmimage.tokenizer.text import TextTokenizer
 from glmimage.tokenizer.vq import VisualTokenizer, preprocess, smart_resize
 from glmimage.vae import VAE
@@ -163,9 +163,13 @@ class Pipeline:
         return self
 
     def compile(self) -> "Pipeline":
-        """Compile the AR decode step (torch.compile, static shapes, CUDA graphs on CUDA). When compilation fails
-        the first generation logs one line and decodes eagerly."""
+        """Compile the AR decode step (torch.compile, static shapes, CUDA graphs on CUDA). On the CPU the AR's
+        single-row products also compile to fused multiply-reduce loops (glmimage/quant.py: twice the BLAS GEMV's
+        bandwidth on this kind of machine). When compilation fails the first generation logs one line and decodes
+        eagerly."""
         mode = "reduce-overhead" if self.stage_device["ar"].type == "cuda" else "default"
+        if self.stage_device["ar"].type == "cpu":
+            use_decode_linears(self.ar)
         self._decode = torch.compile(argen.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
         return self
 

@@ -1,9 +1,14 @@
-"""Weight-only int8 for the linear layers of the AR model and the DiT (gpt-fast style, applied from outside).
+"""Inference weight formats, applied from outside the models: weight-only int8, and single-row linears that
+compile to a fused multiply-reduce.
 
-Each output row keeps its own scale (symmetric, absmax / 127); activations stay in the pipeline's dtype. On CPU the
-matmul runs in `torch._weight_int8pack_mm` (reads the int8 weight directly: a quarter of the fp32 bytes per decoded
-token); elsewhere the weight is dequantized on the fly. Measured error against the unquantized layer:
-tests/test_engine.py (relative error of a whole AR / DiT forward below 2 %).
+int8 (gpt-fast style): each output row keeps its own scale (symmetric, absmax / 127); activations stay in the
+pipeline's dtype. Measured error against the unquantized layer: relative error of a whole AR / DiT forward about
+1 % (tests/test_engine.py bounds it at 2 %).
+
+Single-row products (the AR's decode step) are memory-bound: the time is the weight bytes read. On CPUs, the
+BLAS single-row GEMM runs on one thread at about half the memory bandwidth; the same product written as
+(W · x).sum(-1) compiles (inductor) to one fused, vectorised loop parallel over output rows that reads W once at
+the full bandwidth. The eager path keeps F.linear (the multiply-reduce would materialise W · x).
 """
 from __future__ import annotations
 
@@ -12,6 +17,46 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 QUANT_TYPES = ("none", "int8")
+
+
+def _single_row(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+
+
+def _rowwise(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) holding one row, w (N, K) float or int8 -> x·Wᵀ (..., N), accumulated in float32."""
+    y = (w.float() * x.reshape(1, -1).float()).sum(-1)  # (N,)
+    if scale is not None:
+        y = y * scale.float()
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (same parameters) whose single-row products compile to the fused multiply-reduce."""
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "DecodeLinear":
+        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _single_row(x):
+            y = _rowwise(x, self.weight, None)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(module: nn.Module) -> int:
+    """Swap every plain nn.Linear under `module` for a DecodeLinear sharing its parameters -> layers swapped."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, DecodeLinear.from_linear(child))
+            n += 1
+        else:
+            n += use_decode_linears(child)
+    return n
 
 
 class Int8Linear(nn.Module):
@@ -38,11 +83,15 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        if _single_row(x):
+            y = _rowwise(x, self.weight, self.scale)
+        elif x.device.type == "cpu" and rows <= 16:
+            # the int8 CPU kernel is fast for a few rows of 16-bit activations (and ~10× slower with float32)
             shape = x.shape
-            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
-            y = y.view(*shape[:-1], self.out_features)
-        else:
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
+                                          self.scale.to(torch.bfloat16)).to(x.dtype).view(*shape[:-1], -1)
+        else:  # many rows (prefill, the DiT): compute-bound, dequantize and use the dense kernels
             y = F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -83,9 +83,22 @@ class Attention(nn.Module):
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:  # training on right-padded rows: plain causal attention (the fast SDPA kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif t == 1 and x.device.type == "cpu":
+            y = _decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row (decoding) on the CPU, where SDPA's flash kernel spends ~10× the time of this plain
+    softmax(q·kᵀ)·v. q: (B, H, 1, D); k, v: (B, Hkv, S, D); mask: (B, 1, 1, S) bool -> (B, H, 1, D)."""
+    b, h, _, d = q.shape
+    g = h // k.shape[1]
+    q = q.view(b, k.shape[1], g, d)  # query heads grouped by the kv head they share: (B, Hkv, G, D)
+    scores = (q @ k.transpose(-1, -2)).float() * d**-0.5  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)
 
 
 class MLP(nn.Module):
