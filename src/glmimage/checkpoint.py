@@ -111,8 +111,16 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             raise ValueError(f"weight file not found: {f}")
         try:
             with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    out[k] = st.get_tensor(k).clone()  # fresh, aligned storage: same kernels as a trained model
+                keys = list(st.keys())
+            while keys:
+                # Reopened every 256 MiB: the file's pages mapped so far are released, so the peak resident memory
+                # is the weights plus 256 MiB, not twice the weights.
+                with safe_open(str(f), framework="pt") as st:
+                    read = 0
+                    while keys and read < 256 * 2**20:
+                        k = keys.pop(0)
+                        out[k] = st.get_tensor(k).clone()  # fresh, aligned storage: same kernels as a trained model
+                        read += out[k].nbytes
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"cannot read weight file {f} (truncated or not safetensors?): {e}") from None
     return out
@@ -173,8 +181,11 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
             ar, vq, dit = ARModel(cfg.ar), VisualTokenizer(cfg.vq), DiT(cfg.dit)
         for name, mod in (("ar", ar), ("vq", vq), ("dit", dit)):
             _load_into(mod, state[name], name)
-    glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
-    if state is not None:
+    if state is None:
+        glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
+    else:
+        with torch.device("meta"):  # no random init that the checkpoint overwrites (peak memory = the weights)
+            glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
         _load_into(glyph.encoder, state["glyph"], "glyph")
         _load_into(vae.model, state["vae"], "vae")
     for m in (ar, vq, dit):

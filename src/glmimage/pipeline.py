@@ -159,6 +159,11 @@ class Pipeline:
         if kind == "int8" and self.quantization != "int8":
             quantize_int8(self.ar)
             quantize_int8(self.dit)
+            if self.stage_device["ar"].type == "cpu":
+                # Decoding is memory-bound: the activations' precision costs nothing, and the CPU's int8 × float32
+                # product is the fast one (bf16 activations halve its speed). The AR's norms, embeddings, scales
+                # and KV cache go to float32; the weights stay int8.
+                self.ar.float()
             self.quantization = "int8"
         return self
 

@@ -15,8 +15,11 @@ class VAE(nn.Module):
         c = self.model.config.latent_channels
         mean = self.config.get("latents_mean") or [0.0] * c
         std = self.config.get("latents_std") or [1.0] * c
-        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        # real tensors even when the module is built on the meta device (they are not in the checkpoint)
+        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32, device="cpu").view(1, c, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32, device="cpu").view(1, c, 1, 1),
+                             persistent=False)
 
     @property
     def factor(self) -> int:
