@@ -143,3 +143,33 @@ def test_vae_precision_follows_the_dtype_where_it_is_safe():
     assert half.vae.model.dtype == torch.float32 and bf.vae.model.dtype == torch.bfloat16
     z = torch.randn(1, fp.cfg.dit.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     assert rel_err(bf.vae.decode(z), fp.vae.decode(z)) < 0.04  # random tiny VAE: 2.2 %; the trained world VAE: 0.5 %
+
+
+def test_bench_runs_both_engines_on_the_same_weights(tmp_path, capsys):
+    """`glmimage bench` end to end on the debug size: one worker per variant, ratios and roofline fractions."""
+    import json
+
+    assert cli(["bench", "debug", "--size", "64x64", "--steps", "1", "--variants", "ref:float32,ours:float32",
+                "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| ref:float32 |" in text and "| ours:float32 |" in text
+    report = json.loads((tmp_path / "bench.json").read_text())
+    ref, ours = report["rows"]
+    assert ours["tokens"] == 16 * 16 + 2 * 2  # preview 16×16 (the reference's) + target 2×2
+    assert ref["tokens"] == ours["tokens"] + 1  # the reference also writes its end-of-image token
+    for r in (ref, ours):
+        assert r["ar_s"] > 0 and r["dit_s"] > 0 and r["vae_s"] > 0 and r["peak_mib"] > 0
+        assert 0 < r["ar_fraction_of_limit"] < 1.5 and 0 < r["dit_fraction_of_limit"] < 1.5
+    assert ours["vs_ref_same_dtype"]["total"] == pytest.approx(ref["total_s"] / ours["total_s"])
+    assert report["model"]["dit_flops_per_step"] > 0 and report["machine"]["copy_bandwidth_gbs"] > 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["bench", "debug", "--variants", "ours:float64"], "bad variant"),
+    (["bench", "debug", "--variants", "ref:float32+int8"], "no int8"),
+    (["bench", "glm-image", "--device", "cpu"], "needs a GPU"),
+    (["bench", "debug", "--steps", "0"], "steps"),
+])
+def test_bench_bad_arguments(argv, match, capsys):
+    assert cli(argv) == 2
+    assert match in capsys.readouterr().err

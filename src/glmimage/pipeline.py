@@ -79,7 +79,14 @@ class Result:
 
 
 def peak_host_memory_mib() -> float:
-    """High-water mark of this process's resident memory (ru_maxrss) in MiB."""
+    """High-water mark of this process's resident memory in MiB: VmHWM on Linux (ru_maxrss is inherited across
+    fork + exec, so a child started by a big parent would report the parent's peak), ru_maxrss elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
