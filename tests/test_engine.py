@@ -173,3 +173,25 @@ def test_bench_runs_both_engines_on_the_same_weights(tmp_path, capsys):
 def test_bench_bad_arguments(argv, match, capsys):
     assert cli(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_per_prompt_seeds_give_each_row_its_solo_image(pipe):
+    """A server batches requests: with one seed per prompt, each row is the image that prompt gives alone."""
+    prompts = ["a red circle 'HI'", "two blue squares"]
+    batch = pipe(prompts, seed=[5, 9], num_inference_steps=2, progress=False)  # sampled AR, not greedy
+    for i, (p, s) in enumerate(zip(prompts, [5, 9])):
+        one = pipe(p, seed=[s], num_inference_steps=2, progress=False)
+        assert torch.equal(one.prior_ids[0], batch.prior_ids[i])
+        assert np.abs(np.asarray(one.images[0]).astype(int) - np.asarray(batch.images[i]).astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="seeds"):
+        pipe(prompts, seed=[1], progress=False)
+
+
+def test_negative_prompt_changes_the_unconditional_branch():
+    p = random_dit(glmimage.load("debug", device="cpu"))
+    a = p("a sign 'OPEN'", num_inference_steps=2, progress=False)
+    b = p("a sign 'OPEN'", negative_prompt="'blurry'", num_inference_steps=2, progress=False)
+    c = p("a sign 'OPEN'", negative_prompt="", num_inference_steps=2, progress=False)
+    assert torch.equal(a.prior_ids, b.prior_ids)  # the AR does not read it
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))

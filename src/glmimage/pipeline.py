@@ -235,10 +235,14 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], images: list | None = None, *, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, temperature: float | None = None,
+                 guidance_scale: float | None = None, seed: int | list[int] = 0, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, greedy: bool = False,
-                 progress: bool = True) -> Result:
-        """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt."""
+                 negative_prompt: str | None = None, progress: bool = True) -> Result:
+        """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt.
+
+        seed: one seed for the batch (one generator drawn row after row, like diffusers), or one seed per prompt
+        (each row then gives the image it would give alone: what a server batching requests needs).
+        negative_prompt: the unconditional branch's glyph text (its quoted strings), instead of none."""
         sc = self.cfg.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = sc.height if height is None else height
@@ -246,6 +250,8 @@ class Pipeline:
         steps = sc.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
         self.validate(prompts, height, width, steps)
+        if isinstance(seed, list) and len(seed) != len(prompts):
+            raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
         conds = [load_image(im) for im in (images or [])]
         for dev in set(self.stage_device.values()):
             if dev.type == "cuda":
@@ -266,7 +272,7 @@ class Pipeline:
                     layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
                     temperature=sc.temperature if temperature is None else temperature,
                     top_p=sc.top_p if top_p is None else top_p, top_k=sc.top_k if top_k is None else top_k,
-                    greedy=greedy, generator=torch.Generator(dev).manual_seed(seed), progress=bar)
+                    greedy=greedy, generator=_generators(seed, dev), progress=bar)
             th, tw = target
             grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
             cond_ids = [ids for _, ids in cond_tokens]
@@ -276,7 +282,8 @@ class Pipeline:
         # 2. DiT: flow matching on VAE latents, prior = target grid upsampled ×2, CFG in one batched call
         with self._running("dit") as dev:
             latents = self._denoise(prompts, [im for im, _ in cond_tokens], cond_ids, grid.to(dev), height=height,
-                                    width=width, steps=steps, guidance=guidance, seed=seed, progress=progress)
+                                    width=width, steps=steps, guidance=guidance, seed=seed,
+                                    negative_prompt=negative_prompt or "", progress=progress)
             self._sync()
             t_dit = time.perf_counter()
 
@@ -288,15 +295,18 @@ class Pipeline:
         return Result(images=out, timings=timings, prior_ids=grid.cpu(), peak_memory=self._peak_memory())
 
     def _denoise(self, prompts: list[str], cond_images: list[Image.Image], cond_ids: list[torch.Tensor],
-                 grid: torch.Tensor, *, height: int, width: int, steps: int, guidance: float, seed: int,
-                 progress: bool) -> torch.Tensor:
+                 grid: torch.Tensor, *, height: int, width: int, steps: int, guidance: float, seed: int | list[int],
+                 negative_prompt: str, progress: bool) -> torch.Tensor:
         """Guided Euler sampling of the DiT -> latents (B, C, H/f, W/f) float32. grid: (B, th, tw) AR ids."""
         dev, b = self.stage_device["dit"], len(prompts)
         prior = upsample_ids(grid)
         glyph, glyph_mask = self.glyph.encode(prompts)
         f = self.cfg.vae_factor
-        noise = torch.randn((b, self.cfg.dit.in_channels, height // f, width // f),
-                            generator=torch.Generator().manual_seed(seed)).to(dev)
+        shape = (self.cfg.dit.in_channels, height // f, width // f)
+        if isinstance(seed, list):
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed]).to(dev)
+        else:
+            noise = torch.randn((b, *shape), generator=torch.Generator().manual_seed(seed)).to(dev)
         cond_kv = None
         if cond_images:
             lat = [self.vae.encode(pil_to_tensor(im).to(dev)).to(self.dtype) for im in cond_images]
@@ -305,7 +315,7 @@ class Pipeline:
         use_cfg = guidance > 1.0
         size = torch.tensor([[height, width]] * b, device=dev, dtype=torch.float32)
         if use_cfg:  # both branches in one batch: rows [cond ; uncond]
-            neg, neg_mask = self.glyph.encode([""] * b)
+            neg, neg_mask = self.glyph.encode([negative_prompt] * b)
             n = max(glyph.shape[1], neg.shape[1])
             glyph = torch.cat([F.pad(glyph, (0, 0, 0, n - glyph.shape[1])), F.pad(neg, (0, 0, 0, n - neg.shape[1]))])
             glyph_mask = torch.cat([F.pad(glyph_mask, (0, n - glyph_mask.shape[1])),
@@ -334,6 +344,12 @@ class Pipeline:
         sigmas = dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
             return dsample.sample(velocity, noise, ts, sigmas, progress=bar)
+
+
+def _generators(seed: int | list[int], device: torch.device) -> torch.Generator | list[torch.Generator]:
+    if isinstance(seed, list):
+        return [torch.Generator(device).manual_seed(s) for s in seed]
+    return torch.Generator(device).manual_seed(seed)
 
 
 def upsample_ids(ids: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,9 @@ def layout_prompt(tok: TextTokenizer, prompt: str, *, target: tuple[int, int], p
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+           greedy: bool = False, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """logits (B, V) -> ids (B,). Temperature, then top-k, then top-p (the transformers order); no host sync.
+    generator: one for the batch, or one per row (a row then draws what it would draw alone).
 
     With top-k the nucleus is cut from the k sorted survivors (what torch.topk returns), not from a sort of the
     whole vocabulary: the same distribution at a fraction of the cost per token."""
@@ -86,7 +87,11 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
         remove = (cum - logits.softmax(dim=-1)) >= top_p  # the mass before a token already reaches top_p
         remove[..., 0] = False  # always keep the most likely token
         logits = logits.masked_fill(remove, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):  # one generator per row: each row draws what it would draw alone
+        choice = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator, strict=True)])
+    else:
+        choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
@@ -124,7 +129,8 @@ def decode_one_token(model: ARModel, tok: torch.Tensor, pos: torch.Tensor, mask:
 @torch.no_grad()
 def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_id: int, temperature: float = 0.9,
              top_p: float | None = 0.75, top_k: int | None = None, greedy: bool = False,
-             generator: torch.Generator | None = None, progress=None, decode=decode_one_token) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None, progress=None,
+             decode=decode_one_token) -> torch.Tensor:
     """Write every grid of every prompt -> ids (B, N), N = sum of grid sizes (all prompts share one layout).
 
     Prompts of different lengths are left-padded into one batch. The decode loop keeps every tensor on the
