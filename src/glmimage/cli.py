@@ -1,4 +1,4 @@
-"""Command line: `glmimage generate | edit | convert | train | eval | bench`."""
+"""Command line: `glmimage generate | edit | convert | train | eval | bench | serve`."""
 from __future__ import annotations
 
 import argparse
@@ -181,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     bn.add_argument("--compile", action="store_true", help="compile glmimage's AR decode step")
     bn.add_argument("--out", default="runs/bench", help="folder for bench.json")
+    sv = sub.add_parser("serve", help="OpenAI-compatible Images API and web playground",
+                        description="Serve /v1/images/generations, /v1/images/edits, /v1/models, /health and a web "
+                        "playground at / (FastAPI + uvicorn; install glmimage[serve]).")
+    sv.add_argument("--model", default=DEFAULT_MODEL, help="model folder or preset (default: the default model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--allow-unauthenticated-remote", action="store_true",
+                    help="bind a non-loopback address without an API key (anyone who reaches it can use the model)")
+    sv.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429 (default 16)")
+    sv.add_argument("--max-batch", type=int, default=4, help="images generated together (default 4)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504 (default 300)")
+    _engine(sv)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -196,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         elif args.command == "train":
             _train(args)
+        elif args.command == "serve":
+            from glmimage.serve import serve
+
+            if not 0 < args.port < 65536 or args.max_queue < 1 or args.max_batch < 1 or args.timeout <= 0:
+                raise ValueError("--port must be 1..65535, --max-queue and --max-batch >= 1, --timeout > 0")
+            from glmimage.serve.app import is_loopback
+
+            if not is_loopback(args.host) and args.api_key is None and not args.allow_unauthenticated_remote:
+                raise ValueError(f"refusing to serve {args.host} without an API key: pass --api-key KEY, or "
+                                 "--allow-unauthenticated-remote to expose the model to anyone who can reach it")
+            pipe = load_engine(args.model, args)
+            serve(pipe, host=args.host, port=args.port, api_key=args.api_key,
+                  allow_unauthenticated_remote=args.allow_unauthenticated_remote, model_name=Path(args.model).name,
+                  max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout)
         elif args.command == "bench":
             from glmimage import bench
 

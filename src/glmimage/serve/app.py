@@ -1,0 +1,356 @@
+"""OpenAI-compatible Images API (FastAPI): /v1/images/generations, /v1/images/edits, /v1/models, /health, and the
+web playground at /. Every input is validated here; nothing a client sends reads or writes a file on the server."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import ipaddress
+import secrets
+import time
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glmimage.serve.engine import Engine, Job, QueueFull
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ImageParams(BaseModel):
+    """The fields of both endpoints: OpenAI's names, then the engine's extensions as top-level fields."""
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="what to draw; text to render goes in quotes")
+    model: str | None = Field(None, description="ignored: this server serves one model (see GET /v1/models)")
+    n: int = Field(1, ge=1, le=10, description="number of images")
+    size: str = Field("auto", description="WIDTHxHEIGHT in pixels, multiples of the model's token stride, or auto")
+    response_format: Literal["b64_json", "url"] | None = Field("b64_json", description="only b64_json is served")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality")
+    quality: str | None = Field(None, description="accepted for compatibility; use num_inference_steps")
+    background: Literal["auto", "opaque"] | None = None
+    style: str | None = None
+    moderation: str | None = None
+    user: str | None = Field(None, max_length=256)
+    stream: bool | None = Field(None, description="not supported: must be false or absent")
+    num_inference_steps: int | None = Field(None, ge=1, le=200, description="DiT denoising steps")
+    guidance_scale: float | None = Field(None, ge=0, le=30, description="classifier-free guidance scale")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seed of the first image; image i uses seed + i")
+    negative_prompt: str | None = Field(None, max_length=4000, description="glyph text of the unconditional branch")
+    temperature: float | None = Field(None, gt=0, le=5, description="AR sampling temperature")
+    top_p: float | None = Field(None, gt=0, le=1, description="AR nucleus sampling threshold")
+
+
+class EditParams(ImageParams):
+    input_fidelity: Literal["high", "low"] | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    timings: dict[str, float] = Field(description="seconds: queue, ar, dit, vae, total; batch_rows")
+
+
+class Limits(BaseModel):
+    max_prompt_chars: int = 4000
+    max_images: int = 4
+    max_upload_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    timeout: float = 300.0
+
+
+def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None, max_queue: int = 16,
+               max_batch: int = 4, limits: Limits = Limits()) -> FastAPI:
+    """The API around one pipeline; the engine thread starts with the app and stops with it."""
+    engine = Engine(pipe, max_queue=max_queue, max_batch=max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(title="glmimage", version="0.1.0", summary="OpenAI-compatible Images API for GLM-Image-style "
+                  "models", lifespan=lifespan)
+    app.state.engine = engine
+    created = int(time.time())
+    stride = pipe.cfg.stride
+    max_pixels = pipe.cfg.vq.max_pixels
+
+    # ---------------------------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        type_ = {401: "authentication_error", 429: "rate_limit_error", 504: "timeout"}.get(e.status,
+                                                                                      "invalid_request_error")
+        if e.status >= 500 and e.status != 504:
+            type_ = "server_error"
+        return JSONResponse(error_body(e.message, type_=type_, param=e.param, code=e.code), status_code=e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        return JSONResponse(error_body(_explain(e.errors()), param=_param(e.errors())), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", type_="server_error"), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check(params: ImageParams, default: tuple[int, int]) -> tuple[int, int]:
+        if len(params.prompt) > limits.max_prompt_chars:
+            raise APIError(400, f"prompt is {len(params.prompt)} characters; at most {limits.max_prompt_chars}",
+                           param="prompt")
+        if not params.prompt.strip():
+            raise APIError(400, "prompt must not be blank", param="prompt")
+        if params.response_format == "url":
+            raise APIError(400, "response_format 'url' is not served (this server stores no files); use b64_json",
+                           param="response_format")
+        if params.stream:
+            raise APIError(400, "stream is not supported", param="stream")
+        return parse_size(params.size, default)
+
+    def parse_size(size: str, default: tuple[int, int]) -> tuple[int, int]:
+        if size == "auto":
+            return default
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise APIError(400, f"size must be 'auto' or WIDTHxHEIGHT, got {size!r}", param="size") from None
+        if w < stride or h < stride or w % stride or h % stride:
+            raise APIError(400, f"size {w}x{h}: width and height must be positive multiples of {stride}",
+                           param="size")
+        if w * h > max_pixels or max(w, h) > 4 * min(w, h):
+            raise APIError(400, f"size {w}x{h}: at most {max_pixels} pixels and an aspect ratio of 4:1",
+                           param="size")
+        return w, h
+
+    async def run(request: Request, params: ImageParams, size: tuple[int, int], images: list) -> dict:
+        w, h = size
+        first = params.seed if params.seed is not None else secrets.randbelow(2**31 - params.n)
+        engine_params = {"height": h, "width": w, "num_inference_steps": params.num_inference_steps,
+                         "guidance_scale": params.guidance_scale, "temperature": params.temperature,
+                         "top_p": params.top_p, "negative_prompt": params.negative_prompt}
+        job = Job(prompt=params.prompt, seeds=[first + i for i in range(params.n)], params=engine_params,
+                  images=images)
+        try:
+            fut = engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry later", headers={"Retry-After": "2"}) from None
+        waiter = asyncio.wrap_future(fut)
+        deadline = time.monotonic() + limits.timeout
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.2)
+            if done:
+                break
+            if await request.is_disconnected():
+                engine.cancel(job)  # frees its queue slot (a started batch finishes; its result is dropped)
+                raise APIError(499, "client disconnected")
+            if time.monotonic() > deadline:
+                engine.cancel(job)
+                raise APIError(504, f"the request did not finish within {limits.timeout:.0f} s")
+        try:
+            out, timings = waiter.result()
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return {"images": out, "timings": timings}
+
+    def respond(params: ImageParams, result: dict, size: tuple[int, int]) -> dict:
+        data = [{"b64_json": encode(im, params.output_format, params.output_compression),
+                 "revised_prompt": params.prompt} for im in result["images"]]
+        return {"created": int(time.time()), "data": data, "output_format": params.output_format,
+                "size": f"{size[0]}x{size[1]}", "timings": result["timings"]}
+
+    # ---------------------------------------------------------------------------------------------------------
+    @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images from a prompt")
+    async def generations(request: Request, params: ImageParams) -> dict:
+        authorize(request)
+        sc = pipe.cfg.sampling
+        size = check(params, (sc.width, sc.height))
+        return respond(params, await run(request, params, size, []), size)
+
+    edit_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "prompt"],
+        "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": f"1 to {limits.max_images} PNG/JPEG/WEBP condition images (also 'image[]')"},
+            "mask": {"type": "string", "format": "binary", "description": "PNG, same size as the first image; "
+                     "alpha 0 marks where the result replaces the first image"},
+            **{k: _form_schema(v) for k, v in EditParams.model_json_schema()["properties"].items()}}}}}}}
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=edit_schema,
+              summary="Edit or combine images following a prompt (multipart/form-data)")
+    async def edits(request: Request) -> dict:
+        authorize(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "send multipart/form-data with image file(s) and a prompt")
+        try:
+            form = await request.form(max_files=limits.max_images + 1, max_fields=40,
+                                      max_part_size=limits.max_upload_bytes)
+        except Exception as e:  # noqa: BLE001  python-multipart / starlette raise several types for bad bodies
+            raise APIError(400, f"malformed multipart body: {getattr(e, 'detail', None) or e}") from None
+        files = [v for k in ("image", "image[]") for v in form.getlist(k)]
+        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")
+                  and isinstance(v, str)}
+        if not files:
+            raise APIError(400, "no image: send one or more files in the 'image' field", param="image")
+        if len(files) > limits.max_images:
+            raise APIError(400, f"{len(files)} images; at most {limits.max_images}", param="image")
+        if any(isinstance(f, str) for f in files):
+            raise APIError(400, "'image' must be file uploads", param="image")
+        try:
+            params = EditParams(**fields)
+        except ValidationError as e:
+            raise APIError(400, _explain(e.errors()), param=_param(e.errors())) from None
+        images = [await read_image(f, "image", mode="RGB") for f in files]
+        mask = form.get("mask")
+        alpha = None
+        if mask is not None:
+            if isinstance(mask, str):
+                raise APIError(400, "'mask' must be a file upload", param="mask")
+            m = await read_image(mask, "mask", mode="RGBA")
+            if m.size != images[0].size:
+                raise APIError(400, f"mask is {m.width}x{m.height} but the first image is "
+                               f"{images[0].width}x{images[0].height}", param="mask")
+            alpha = m.getchannel("A")
+        size = check(params, snap(images[0].size))
+        result = await run(request, params, size, images)
+        if alpha is not None:  # OpenAI's convention: transparent mask pixels are the area to edit
+            keep = np.asarray(alpha.resize(size, Image.NEAREST)) > 0
+            base = np.asarray(images[0].resize(size, Image.LANCZOS))
+            result["images"] = [Image.fromarray(np.where(keep[..., None], base, np.asarray(im)))
+                                for im in result["images"]]
+        return respond(params, result, size)
+
+    async def read_image(upload, field: str, *, mode: str) -> Image.Image:
+        raw = await upload.read()
+        if len(raw) > limits.max_upload_bytes:
+            raise APIError(400, f"{field}: file larger than {limits.max_upload_bytes} bytes", param=field)
+        try:
+            im = Image.open(io.BytesIO(raw))
+            if im.format not in UPLOAD_FORMATS:
+                raise APIError(400, f"{field}: {im.format} images are not accepted; send PNG, JPEG or WEBP",
+                               param=field)
+            if im.width * im.height > limits.max_image_pixels:
+                raise APIError(400, f"{field}: {im.width}x{im.height} is more than {limits.max_image_pixels} "
+                               "pixels", param=field)
+            im.load()
+            return im.convert(mode)
+        except APIError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            raise APIError(400, f"{field}: not a readable image ({e})", param=field) from None
+
+    def snap(wh: tuple[int, int]) -> tuple[int, int]:
+        """'auto' size of an edit: the first image's size, rounded to the stride and shrunk into the limits."""
+        w, h = wh
+        scale = min(1.0, (max_pixels / (w * h)) ** 0.5)
+        return (max(stride, int(w * scale) // stride * stride), max(stride, int(h * scale) // stride * stride))
+
+    @app.get("/v1/models", summary="The served model")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "glmimage"}]}
+
+    @app.get("/health", summary="Liveness and queue length")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "queued": engine.queued, "max_queue": engine.max_queue,
+                "stride": stride, "default_size": f"{pipe.cfg.sampling.width}x{pipe.cfg.sampling.height}",
+                "auth": api_key is not None}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return resources.files("glmimage.serve").joinpath("playground.html").read_text()
+
+    return app
+
+
+def encode(image: Image.Image, fmt: str, compression: int | None) -> str:
+    buf = io.BytesIO()
+    kw = {} if fmt == "png" or compression is None else {"quality": compression}
+    image.save(buf, format=FORMATS[fmt], **kw)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _form_schema(prop: dict) -> dict:
+    """Form fields arrive as strings; keep the JSON schema's description and bounds for the docs."""
+    keep = {k: v for k, v in prop.items() if k in ("description", "minimum", "maximum", "enum", "default",
+                                                     "minLength", "maxLength", "exclusiveMinimum")}
+    t = prop.get("type") or next((a.get("type") for a in prop.get("anyOf", []) if a.get("type") != "null"), "string")
+    return {"type": t, **keep}
+
+
+def _param(errors) -> str | None:
+    loc = [p for p in (errors[0].get("loc") or ()) if p != "body"] if errors else []
+    return str(loc[0]) if loc else None
+
+
+def _explain(errors) -> str:
+    parts = []
+    for e in errors[:3]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(pipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          allow_unauthenticated_remote: bool = False, model_name: str = "glmimage", max_queue: int = 16,
+          max_batch: int = 4, timeout: float = 300.0) -> None:
+    """Run the API with uvicorn (blocking). Binding beyond loopback needs an API key or an explicit opt-out."""
+    import uvicorn
+
+    if not is_loopback(host) and api_key is None and not allow_unauthenticated_remote:
+        raise ValueError(f"refusing to serve {host} without an API key: pass --api-key KEY, or "
+                         "--allow-unauthenticated-remote to expose the model to anyone who can reach it")
+    app = create_app(pipe, model_name=model_name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
+                     limits=Limits(timeout=timeout))
+    uvicorn.run(app, host=host, port=port, log_level="info")
