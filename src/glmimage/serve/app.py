@@ -221,7 +221,8 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> dict:
         authorize(request)
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+                                                                    "application/x-www-form-urlencoded")):
             raise APIError(400, "send multipart/form-data with image file(s) and a prompt")
         try:
             form = await request.form(max_files=limits.max_images + 1, max_fields=40,
