@@ -228,6 +228,48 @@ def test_full_queue_answers_429_and_timeouts_504(pipe):
         assert app.state.engine.queued == 0  # the timed-out waiting request gave its slot back
 
 
+def test_client_disconnect_frees_its_slot(pipe):
+    """A client that hangs up while its request waits in the queue gives the slot back (live server, raw socket)."""
+    import json
+
+    import uvicorn
+
+    slow = BlockingPipe(pipe.cfg)
+    app = create_app(slow, max_queue=2, max_batch=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        body = json.dumps({"prompt": "x", **FAST}).encode()
+        request = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        socks = []
+        for _ in range(2):  # the first is taken by the (blocked) worker, the second waits in the queue
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request)
+            socks.append(sock)
+            time.sleep(0.3)
+        deadline = time.time() + 10
+        while app.state.engine.queued != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.queued == 1
+        socks[1].close()  # the waiting client hangs up
+        while app.state.engine.queued != 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.queued == 0
+    finally:
+        slow.release.set()
+        for sock in socks:
+            sock.close()
+        srv.should_exit = True
+        thread.join(10)
+
+
 def test_engine_batches_compatible_jobs_and_cancels(pipe):
     slow = BlockingPipe(pipe.cfg)
     engine = Engine(slow, max_queue=8, max_batch=4, batch_wait=0.2)
