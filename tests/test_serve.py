@@ -165,7 +165,7 @@ def test_broken_multipart(client):
     r = client.post("/v1/images/edits", content=b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi",
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code == 400
-    r = client.post("/v1/images/edits", json={"prompt": "x"})
+    r = client.post("/v1/images/edits", content=b"prompt=x", headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "multipart" in r.json()["error"]["message"]
     assert client.get("/health").status_code == 200  # still serving
 
@@ -440,3 +440,25 @@ def test_playground_in_headless_chromium(pipe, tmp_path):
         drv.quit()
         srv.should_exit = True
         thread.join(10)
+
+
+def test_edits_as_json_with_data_urls(client):
+    url = "data:image/png;base64," + base64.b64encode(png_bytes((64, 64))).decode()
+    r = client.post("/v1/images/edits", json={"prompt": "make it blue", "images": [{"image_url": url}, url],
+                                               "num_inference_steps": 2})
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
+
+
+@pytest.mark.parametrize("images,needle", [
+    (["data:image/png;base64,@@@not-base64@@@"], "broken base64"),
+    (["https://example.com/cat.png"], "data URLs"),
+    ([{"file_id": "file-123"}], "data URLs"),
+    (["data:image/png;base64," + base64.b64encode(b"GIF89a not really").decode()], "not a readable image"),
+    ("data:image/png;base64,AAAA", "list"),
+    ([], "no image"),
+])
+def test_bad_json_edits(client, images, needle):
+    r = client.post("/v1/images/edits", json={"prompt": "x", "images": images})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]

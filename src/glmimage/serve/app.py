@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import io
 import ipaddress
@@ -221,34 +222,26 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
               summary="Edit or combine images following a prompt (multipart/form-data)")
     async def edits(request: Request) -> dict:
         authorize(request)
-        if not request.headers.get("content-type", "").startswith(("multipart/form-data",
-                                                                    "application/x-www-form-urlencoded")):
-            raise APIError(400, "send multipart/form-data with image file(s) and a prompt")
-        try:
-            form = await request.form(max_files=limits.max_images + 1, max_fields=40,
-                                      max_part_size=limits.max_upload_bytes)
-        except Exception as e:  # noqa: BLE001  python-multipart / starlette raise several types for bad bodies
-            raise APIError(400, f"malformed multipart body: {getattr(e, 'detail', None) or e}") from None
-        files = [v for k in ("image", "image[]") for v in form.getlist(k)]
-        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")
-                  and isinstance(v, str)}
-        if not files:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            fields, raw_images, raw_mask = await json_edit(request)
+        elif ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            fields, raw_images, raw_mask = await form_edit(request)
+        else:
+            raise APIError(400, "send multipart/form-data with image file(s) and a prompt (or JSON with 'images' "
+                           "as base64 data URLs)")
+        if not raw_images:
             raise APIError(400, "no image: send one or more files in the 'image' field", param="image")
-        if len(files) > limits.max_images:
-            raise APIError(400, f"{len(files)} images; at most {limits.max_images}", param="image")
-        if any(isinstance(f, str) for f in files):
-            raise APIError(400, "'image' must be file uploads", param="image")
+        if len(raw_images) > limits.max_images:
+            raise APIError(400, f"{len(raw_images)} images; at most {limits.max_images}", param="image")
         try:
             params = EditParams(**fields)
         except ValidationError as e:
             raise APIError(400, _explain(e.errors()), param=_param(e.errors())) from None
-        images = [await read_image(f, "image", mode="RGB") for f in files]
-        mask = form.get("mask")
+        images = [read_image(raw, "image", mode="RGB") for raw in raw_images]
         alpha = None
-        if mask is not None:
-            if isinstance(mask, str):
-                raise APIError(400, "'mask' must be a file upload", param="mask")
-            m = await read_image(mask, "mask", mode="RGBA")
+        if raw_mask is not None:
+            m = read_image(raw_mask, "mask", mode="RGBA")
             if m.size != images[0].size:
                 raise APIError(400, f"mask is {m.width}x{m.height} but the first image is "
                                f"{images[0].width}x{images[0].height}", param="mask")
@@ -262,8 +255,50 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
                                 for im in result["images"]]
         return respond(params, result, size)
 
-    async def read_image(upload, field: str, *, mode: str) -> Image.Image:
-        raw = await upload.read()
+    async def form_edit(request: Request) -> tuple[dict, list[bytes], bytes | None]:
+        try:
+            form = await request.form(max_files=limits.max_images + 1, max_fields=40,
+                                      max_part_size=limits.max_upload_bytes)
+        except Exception as e:  # noqa: BLE001  python-multipart / starlette raise several types for bad bodies
+            raise APIError(400, f"malformed multipart body: {getattr(e, 'detail', None) or e}") from None
+        files = [v for k in ("image", "image[]") for v in form.getlist(k)]
+        if any(isinstance(f, str) for f in files):
+            raise APIError(400, "'image' must be file uploads", param="image")
+        mask = form.get("mask")
+        if isinstance(mask, str):
+            raise APIError(400, "'mask' must be a file upload", param="mask")
+        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask") and isinstance(v, str)}
+        return fields, [await f.read() for f in files], None if mask is None else await mask.read()
+
+    async def json_edit(request: Request) -> tuple[dict, list[bytes], bytes | None]:
+        """The JSON form of an edit: images (and mask) as base64 data URLs, {"image_url": url} or the bare string.
+        Remote URLs are refused: nothing a client sends makes the server fetch or read anything."""
+        if int(request.headers.get("content-length") or 0) > (limits.max_images + 1) * limits.max_upload_bytes * 4 // 3:
+            raise APIError(400, "request body too large", param="images")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "malformed JSON body") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the JSON body must be an object")
+        refs = body.pop("images", None) or []
+        if not isinstance(refs, list):
+            raise APIError(400, "'images' must be a list of data URLs", param="images")
+        mask = body.pop("mask", None)
+        return body, [data_url(r, "images") for r in refs], None if mask is None else data_url(mask, "mask")
+
+    def data_url(ref, field: str) -> bytes:
+        url = ref.get("image_url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+            raise APIError(400, f"{field}: give images as base64 data URLs (data:image/png;base64,...); remote URLs "
+                           "and file ids are not fetched", param=field)
+        try:
+            raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        except (ValueError, binascii.Error):
+            raise APIError(400, f"{field}: broken base64", param=field) from None
+        return raw
+
+    def read_image(raw: bytes, field: str, *, mode: str) -> Image.Image:
         if len(raw) > limits.max_upload_bytes:
             raise APIError(400, f"{field}: file larger than {limits.max_upload_bytes} bytes", param=field)
         try:
