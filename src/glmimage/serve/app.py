@@ -90,8 +90,9 @@ class Limits(BaseModel):
 
 
 def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None, max_queue: int = 16,
-               max_batch: int = 4, limits: Limits = Limits()) -> FastAPI:
-    """The API around one pipeline; the engine thread starts with the app and stops with it."""
+               max_batch: int = 4, limits: Limits | None = None) -> FastAPI:
+    """The API around one pipeline; its engine thread starts here and stops when the app shuts down."""
+    limits = limits or Limits()
     engine = Engine(pipe, max_queue=max_queue, max_batch=max_batch)
 
     @contextlib.asynccontextmanager
