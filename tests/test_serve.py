@@ -462,3 +462,70 @@ def test_bad_json_edits(client, images, needle):
     r = client.post("/v1/images/edits", json={"prompt": "x", "images": images})
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("prompt", ["a sign <|image|> here", "x <|dit_token_5|>", "a <sop>2 2<eop>"])
+def test_control_tokens_in_prompts_are_refused(client, prompt):
+    """A prompt that spells a layout token would corrupt the AR prompt (and used to hang the worker)."""
+    r = client.post("/v1/images/generations", json={"prompt": prompt, **FAST})
+    assert r.status_code == 400 and "control token" in r.json()["error"]["message"]
+    r = client.post("/v1/images/generations", json={"prompt": "ok", "negative_prompt": prompt, **FAST})
+    assert r.status_code == 400
+    assert client.post("/v1/images/generations", json={"prompt": "a red circle", **FAST}).status_code == 200
+
+
+def test_body_limits(pipe):
+    small = Limits(max_images=1, max_upload_bytes=10_000, max_json_bytes=2_000)
+    with TestClient(create_app(pipe, limits=small)) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "x" * 3000})
+        assert r.status_code == 413
+        def noise_png(side):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.RandomState(0).randint(0, 255, (side, side, 3)).astype(np.uint8)).save(buf, "PNG")
+            return buf.getvalue()
+
+        r = c.post("/v1/images/edits", files=[("image", ("a.png", noise_png(120), "image/png"))], data={"prompt": "x"})
+        assert r.status_code == 400 and "larger than 10000 bytes" in r.json()["error"]["message"]  # one file
+        r = c.post("/v1/images/edits", files=[("image", ("a.png", noise_png(700), "image/png"))], data={"prompt": "x"})
+        assert r.status_code == 413  # the whole body, refused before parsing
+
+        def chunks():  # no Content-Length: the limit applies to the stream
+            for _ in range(10):
+                yield b'{"prompt": "' + b"x" * 500
+
+        r = c.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.get("/health").status_code == 200
+
+
+def test_mask_without_transparency_is_refused(client):
+    files = [("image", ("a.png", png_bytes(), "image/png")), ("mask", ("m.png", png_bytes(), "image/png"))]
+    r = client.post("/v1/images/edits", files=files, data={"prompt": "x"})
+    assert r.status_code == 400 and "alpha" in r.json()["error"]["message"]
+
+
+def test_auth_is_checked_before_the_body(pipe):
+    with TestClient(create_app(pipe, api_key="k")) as c:
+        assert c.post("/v1/images/generations", json={"n": "bad"}).status_code == 401
+        assert c.post("/v1/images/edits", content=b"junk", headers={"content-type": "text/plain"}).status_code == 401
+
+
+class FailingPipe:
+    def __init__(self, cfg, exc):
+        self.cfg, self.exc, self.calls = cfg, exc, 0
+
+    def __call__(self, prompts, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            raise self.exc
+        return glmimage.Result(images=[Image.new("RGB", (64, 64))] * len(prompts),
+                               timings={"ar": 0.0, "dit": 0.0, "vae": 0.0, "total": 0.0})
+
+
+@pytest.mark.parametrize("exc,status", [(StopIteration(), 500), (RuntimeError("boom"), 500), (ValueError("bad"), 400)])
+def test_a_failing_generation_answers_at_once_and_the_worker_survives(pipe, exc, status):
+    with TestClient(create_app(FailingPipe(pipe.cfg, exc), limits=Limits(timeout=20))) as c:
+        t = time.time()
+        r = c.post("/v1/images/generations", json={"prompt": "x", **FAST})
+        assert r.status_code == status and time.time() - t < 5  # no hang until the timeout
+        assert c.post("/v1/images/generations", json={"prompt": "x", **FAST}).status_code == 200

@@ -146,6 +146,7 @@ def run_ours(folder: Path, v: Variant, job: dict) -> dict:
     t = out.timings
     return dict(ar_s=t["ar"], dit_s=t["dit"], vae_s=t["vae"], total_s=t["total"], tokens=int(out.prior_ids[0].numel()
                 + _preview_tokens(pipe.cfg, job)), ar_weight_bytes=weight_bytes(pipe.ar, skip=("embed_tokens",)),
+                kv_bytes_per_value=pipe.ar.layers[0].self_attn.kv_cache.k.element_size(),
                 peak_mib=_peak(device) - (0 if device.type == "cuda" else base))
 
 
@@ -195,7 +196,8 @@ def run_reference(folder: Path, v: Variant, job: dict) -> dict:
     weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
     weights += sum(p.numel() * p.element_size() for p in vle.lm_head.parameters())
     return dict(ar_s=clock["ar"], dit_s=clock["dit"], vae_s=clock["vae"], total_s=total, tokens=clock["tokens"],
-                ar_weight_bytes=weights, peak_mib=_peak(device) - (0 if device.type == "cuda" else base))
+                ar_weight_bytes=weights, kv_bytes_per_value=torch.finfo(dtype).bits // 8,
+                peak_mib=_peak(device) - (0 if device.type == "cuda" else base))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +266,11 @@ def run(size: str = "small", *, variants: list[Variant], height: int = 256, widt
             folder = Path(tmp) / ("ours" if v.impl == "ours" else "official")
             cmd = [sys.executable, "-m", "glmimage.bench", "--worker", str(v), "--folder", str(folder),
                    "--job", json.dumps(job)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"bench worker {v} ran over an hour") from None
             if proc.returncode != 0:
                 raise RuntimeError(f"bench worker {v} failed:\n{proc.stderr[-3000:]}")
             rows.append({"variant": str(v), **json.loads(proc.stdout.strip().splitlines()[-1])})
@@ -274,7 +280,7 @@ def run(size: str = "small", *, variants: list[Variant], height: int = 256, widt
         r["ar_tokens_per_s"] = r["tokens"] / r["ar_s"]
         r["dit_s_per_step"] = r["dit_s"] / steps
         # bytes read per decoded token: the weights, and the KV cache at its mean length over the decode
-        kv = facts["kv_values_per_position"] * torch.finfo(DTYPE_NAMES[v.dtype]).bits // 8
+        kv = facts["kv_values_per_position"] * r["kv_bytes_per_value"]  # the cache's real dtype
         r["ar_bytes_per_token"] = r["ar_weight_bytes"] + kv * (facts["prompt_tokens"] + facts["grid_tokens"] / 2)
         r["ar_limit_tokens_per_s"] = bw / r["ar_bytes_per_token"]
         r["ar_fraction_of_limit"] = r["ar_tokens_per_s"] / r["ar_limit_tokens_per_s"]

@@ -22,7 +22,7 @@ from glmimage.dit import sample as dsample
 from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
 from glmimage.quant import QUANT_TYPES, quantize_int8, use_decode_linears
-from glmimage.tokenizer.text import TextTokenizer
+from glmimage.tokenizer.text import TextTokenizer, find_control_token
 from glmimage.tokenizer.vq import VisualTokenizer, preprocess, smart_resize
 from glmimage.vae import VAE
 
@@ -138,6 +138,7 @@ class Pipeline:
         self.offload = offload
         for stage in STAGES:
             self._move(stage, torch.device("cpu") if offload else self.stage_device[stage])
+        self._set_ar_dtype()
         return self
 
     def _move(self, stage: str, device: torch.device) -> None:
@@ -166,13 +167,16 @@ class Pipeline:
         if kind == "int8" and self.quantization != "int8":
             quantize_int8(self.ar)
             quantize_int8(self.dit)
-            if self.stage_device["ar"].type == "cpu":
-                # Decoding is memory-bound: the activations' precision costs nothing, and the CPU's int8 × float32
-                # product is the fast one (bf16 activations halve its speed). The AR's norms, embeddings, scales
-                # and KV cache go to float32; the weights stay int8.
-                self.ar.float()
             self.quantization = "int8"
+            self._set_ar_dtype()
         return self
+
+    def _set_ar_dtype(self) -> None:
+        """An int8 AR on the CPU computes in float32: decoding is memory-bound, so the activations' precision costs
+        nothing, and the compiled int8 × float32 product runs twice as fast as int8 × bf16. Elsewhere (and for
+        float weights) the AR computes in the pipeline's dtype. The int8 weights are untouched either way."""
+        if self.quantization == "int8":
+            self.ar.to(torch.float32 if self.stage_device["ar"].type == "cpu" else self.dtype)
 
     def compile(self) -> "Pipeline":
         """Compile the AR decode step (torch.compile, static shapes, CUDA graphs on CUDA). On the CPU the AR's
@@ -190,6 +194,8 @@ class Pipeline:
             return argen.generate(self.ar, layouts, decode=self._decode, **kw)
         try:
             return argen.generate(self.ar, layouts, decode=self._decode, **kw)
+        except (ValueError, torch.OutOfMemoryError):
+            raise  # bad input or memory: not the compiler's fault, eager would fail the same way
         except Exception as e:  # noqa: BLE001  a compiler failure of any kind: fall back, loudly, once
             log.warning("torch.compile of the AR decode step failed (%s: %s); decoding eagerly",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -210,9 +216,14 @@ class Pipeline:
         return out
 
     # ---------------------------------------------------------------------------------------------------------
-    def validate(self, prompts: list[str], height: int, width: int, steps: int) -> None:
+    def validate(self, prompts: list[str], height: int, width: int, steps: int,
+                 negative_prompt: str | None = None) -> None:
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string (or a non-empty list of non-empty strings)")
+        for text in prompts + [negative_prompt or ""]:
+            if (tok := find_control_token(text)) is not None:
+                raise ValueError(f"prompt contains the control token {tok!r}, which would be read as layout; "
+                                 "remove it")
         s = self.cfg.stride
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v < s or v % s:
@@ -249,7 +260,7 @@ class Pipeline:
         width = sc.width if width is None else width
         steps = sc.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
-        self.validate(prompts, height, width, steps)
+        self.validate(prompts, height, width, steps, negative_prompt)
         if isinstance(seed, list) and len(seed) != len(prompts):
             raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
         conds = [load_image(im) for im in (images or [])]

@@ -142,7 +142,7 @@ def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_i
     ids, pos, valid, dpos = _batch(prompts, pad_id, device)
     b, t = ids.shape
     n = prompts[0].num_new
-    model.setup_caches(b, t + n)
+    model.setup_caches(b, -(-(t + n) // 128) * 128)  # cache length in buckets of 128: few shapes to compile
     s = model.max_seq
     key_valid = torch.ones(b, s, dtype=torch.bool, device=device)
     key_valid[:, :t] = valid

@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
@@ -86,7 +86,46 @@ class Limits(BaseModel):
     max_images: int = 4
     max_upload_bytes: int = 20 * 2**20
     max_image_pixels: int = 4096 * 4096
+    max_json_bytes: int = 2**20  # bodies of every endpoint but the edits
     timeout: float = 300.0
+
+    @property
+    def max_edit_bytes(self) -> int:
+        """An edit body: its files (base64 in JSON is 4/3 larger) and a margin for the fields."""
+        return (self.max_images + 1) * self.max_upload_bytes * 4 // 3 + 2**20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over a per-path byte limit, declared (Content-Length) or streamed (chunked),
+    before anything is parsed, buffered or spooled."""
+
+    def __init__(self, app, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.max_edit_bytes if scope["path"] == "/v1/images/edits" else self.limits.max_json_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse(error_body(f"request body larger than {limit} bytes"), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"request body larger than {limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
 
 
 def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None, max_queue: int = 16,
@@ -102,6 +141,7 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
 
     app = FastAPI(title="glmimage", version="0.1.0", summary="OpenAI-compatible Images API for GLM-Image-style "
                   "models", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limits=limits)
     app.state.engine = engine
     created = int(time.time())
     stride = pipe.cfg.stride
@@ -123,7 +163,13 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
+        if isinstance(e.__cause__, BodyTooLarge):  # FastAPI reports a failed body read as a parse error
+            return JSONResponse(error_body(str(e.__cause__)), status_code=413)
         return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, e: BodyTooLarge):
+        return JSONResponse(error_body(str(e)), status_code=413)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -194,6 +240,8 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
             out, timings = waiter.result()
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001  logged by the engine; the client gets a 500, the server goes on
+            raise APIError(500, f"generation failed ({type(e).__name__})") from None
         return {"images": out, "timings": timings}
 
     def respond(params: ImageParams, result: dict, size: tuple[int, int]) -> dict:
@@ -203,12 +251,13 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
                 "size": f"{size[0]}x{size[1]}", "timings": result["timings"]}
 
     # ---------------------------------------------------------------------------------------------------------
-    @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images from a prompt")
+    @app.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images from a prompt",
+              dependencies=[Depends(authorize)])
     async def generations(request: Request, params: ImageParams) -> dict:
-        authorize(request)
         sc = pipe.cfg.sampling
         size = check(params, (sc.width, sc.height))
-        return respond(params, await run(request, params, size, []), size)
+        result = await run(request, params, size, [])
+        return await asyncio.to_thread(respond, params, result, size)
 
     edit_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image", "prompt"],
@@ -220,9 +269,9 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
             **{k: _form_schema(v) for k, v in EditParams.model_json_schema()["properties"].items()}}}}}}}
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=edit_schema,
-              summary="Edit or combine images following a prompt (multipart/form-data)")
+              summary="Edit or combine images following a prompt (multipart/form-data)",
+              dependencies=[Depends(authorize)])
     async def edits(request: Request) -> dict:
-        authorize(request)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
             fields, raw_images, raw_mask = await json_edit(request)
@@ -239,27 +288,37 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
             params = EditParams(**fields)
         except ValidationError as e:
             raise APIError(400, _explain(e.errors()), param=_param(e.errors())) from None
-        images = [read_image(raw, "image", mode="RGB") for raw in raw_images]
+        images = [await asyncio.to_thread(read_image, raw, "image", mode="RGB") for raw in raw_images]
         alpha = None
         if raw_mask is not None:
-            m = read_image(raw_mask, "mask", mode="RGBA")
+            m = await asyncio.to_thread(read_image, raw_mask, "mask", mode="RGBA")
+            if "A" not in m.getbands() or m.getextrema()[3] == (255, 255):
+                raise APIError(400, "mask has no transparent pixels: its alpha channel marks the area to edit "
+                               "(alpha 0)", param="mask")
             if m.size != images[0].size:
                 raise APIError(400, f"mask is {m.width}x{m.height} but the first image is "
                                f"{images[0].width}x{images[0].height}", param="mask")
             alpha = m.getchannel("A")
         size = check(params, snap(images[0].size))
+        # the model reads condition images at most at its own size: keep no more while queued
+        images = [shrink(im) for im in images]
         result = await run(request, params, size, images)
         if alpha is not None:  # OpenAI's convention: transparent mask pixels are the area to edit
-            keep = np.asarray(alpha.resize(size, Image.NEAREST)) > 0
-            base = np.asarray(images[0].resize(size, Image.LANCZOS))
-            result["images"] = [Image.fromarray(np.where(keep[..., None], base, np.asarray(im)))
-                                for im in result["images"]]
-        return respond(params, result, size)
+            result["images"] = await asyncio.to_thread(composite, result["images"], images[0], alpha, size)
+        return await asyncio.to_thread(respond, params, result, size)
+
+    def shrink(im: Image.Image) -> Image.Image:
+        if im.width * im.height <= max_pixels:
+            return im
+        scale = (max_pixels / (im.width * im.height)) ** 0.5
+        return im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.LANCZOS)
 
     async def form_edit(request: Request) -> tuple[dict, list[bytes], bytes | None]:
         try:
             form = await request.form(max_files=limits.max_images + 1, max_fields=40,
                                       max_part_size=limits.max_upload_bytes)
+        except BodyTooLarge as e:
+            raise APIError(413, str(e)) from None
         except Exception as e:  # noqa: BLE001  python-multipart / starlette raise several types for bad bodies
             raise APIError(400, f"malformed multipart body: {getattr(e, 'detail', None) or e}") from None
         files = [v for k in ("image", "image[]") for v in form.getlist(k)]
@@ -274,10 +333,10 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
     async def json_edit(request: Request) -> tuple[dict, list[bytes], bytes | None]:
         """The JSON form of an edit: images (and mask) as base64 data URLs, {"image_url": url} or the bare string.
         Remote URLs are refused: nothing a client sends makes the server fetch or read anything."""
-        if int(request.headers.get("content-length") or 0) > (limits.max_images + 1) * limits.max_upload_bytes * 4 // 3:
-            raise APIError(400, "request body too large", param="images")
         try:
             body = await request.json()
+        except BodyTooLarge as e:
+            raise APIError(413, str(e)) from None
         except ValueError:
             raise APIError(400, "malformed JSON body") from None
         if not isinstance(body, dict):
@@ -311,7 +370,8 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
                 raise APIError(400, f"{field}: {im.width}x{im.height} is more than {limits.max_image_pixels} "
                                "pixels", param=field)
             im.load()
-            return im.convert(mode)
+            return im.convert(mode) if mode == "RGB" or im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info \
+                else im.convert("RGB")
         except APIError:
             raise
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -340,6 +400,13 @@ def create_app(pipe, *, model_name: str = "glmimage", api_key: str | None = None
         return resources.files("glmimage.serve").joinpath("playground.html").read_text()
 
     return app
+
+
+def composite(images: list[Image.Image], base: Image.Image, alpha: Image.Image, size: tuple[int, int]) -> list:
+    """Where the mask is opaque, the first condition image; where it is transparent, the generated image."""
+    keep = np.asarray(alpha.resize(size, Image.NEAREST)) > 0
+    first = np.asarray(base.resize(size, Image.LANCZOS))
+    return [Image.fromarray(np.where(keep[..., None], first, np.asarray(im))) for im in images]
 
 
 def encode(image: Image.Image, fmt: str, compression: int | None) -> str:

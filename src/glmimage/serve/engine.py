@@ -75,9 +75,15 @@ class Engine:
         return True
 
     def close(self) -> None:
+        """Stop the worker; jobs still waiting fail at once (their clients get an error, not a timeout)."""
         with self._cv:
             self._closed = True
+            waiting, self._jobs = list(self._jobs), collections.deque()
             self._cv.notify_all()
+        for job in waiting:
+            job.state = "cancelled"
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("server shutting down"))
         self._thread.join(timeout=5)
 
     def _take_batch(self) -> list[Job] | None:
@@ -109,24 +115,32 @@ class Engine:
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
-            prompts = [j.prompt for j in batch for _ in j.seeds]
-            seeds = [s for j in batch for s in j.seeds]
-            started = time.perf_counter()
+            # a future cancelled from the asyncio side is dropped here, and can no longer be cancelled after this
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
-                result = self.pipe(prompts, images=batch[0].images or None, seed=seeds, progress=False,
-                                   **batch[0].params)
+                self._run(batch)
             except Exception as e:  # noqa: BLE001  the worker must survive anything a request can cause
                 if not isinstance(e, ValueError):
                     log.exception("generation failed")
+                if isinstance(e, StopIteration):  # asyncio cannot carry it across wrap_future: the waiter would hang
+                    e = RuntimeError(f"generation failed: {type(e).__name__}")
                 for j in batch:
                     j.state = "done"
-                    j.future.set_exception(e)
-                continue
-            self.batches_run += 1
-            i = 0
-            for j in batch:
-                n = len(j.seeds)
-                timings = dict(result.timings, queue=started - j.enqueued, batch_rows=len(prompts))
-                j.state = "done"
-                j.future.set_result((result.images[i:i + n], timings))
-                i += n
+                    if not j.future.done():
+                        j.future.set_exception(e)
+
+    def _run(self, batch: list[Job]) -> None:
+        prompts = [j.prompt for j in batch for _ in j.seeds]
+        seeds = [s for j in batch for s in j.seeds]
+        started = time.perf_counter()
+        result = self.pipe(prompts, images=batch[0].images or None, seed=seeds, progress=False, **batch[0].params)
+        self.batches_run += 1
+        i = 0
+        for j in batch:
+            n = len(j.seeds)
+            timings = dict(result.timings, queue=started - j.enqueued, batch_rows=len(prompts))
+            j.state = "done"
+            j.future.set_result((result.images[i:i + n], timings))
+            i += n

@@ -6,6 +6,8 @@ with a 256-symbol byte vocabulary, deterministic and file-free, for the debug an
 """
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -17,6 +19,13 @@ IMAGE_PLACEHOLDER = "<|image|>"
 GRID_BOS, GRID_EOS = "<sop>", "<eop>"
 PAD = "<|endoftext|>"
 SPECIALS = [IMAGE_START, IMAGE_END, PAD, GRID_BOS, GRID_EOS, IMAGE_PLACEHOLDER]
+_CONTROL = re.compile("|".join([re.escape(t) for t in SPECIALS] + [r"<\|dit_token_\d+\|>"]))
+
+
+def find_control_token(text: str) -> str | None:
+    """The first control token written literally in user text (it would be read as layout, not as text)."""
+    m = _CONTROL.search(text)
+    return m.group(0) if m else None
 
 
 class TextTokenizer:
