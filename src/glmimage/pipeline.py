@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -323,38 +322,12 @@ class Pipeline:
             lat = [self.vae.encode(pil_to_tensor(im).to(dev)).to(self.dtype) for im in cond_images]
             cond_kv = self.dit.condition_kv(lat, [upsample_ids(ids[None].to(dev)) for ids in cond_ids],
                                             [(im.height, im.width) for im in cond_images])
-        use_cfg = guidance > 1.0
-        size = torch.tensor([[height, width]] * b, device=dev, dtype=torch.float32)
-        if use_cfg:  # both branches in one batch: rows [cond ; uncond]
-            neg, neg_mask = self.glyph.encode([negative_prompt] * b)
-            n = max(glyph.shape[1], neg.shape[1])
-            glyph = torch.cat([F.pad(glyph, (0, 0, 0, n - glyph.shape[1])), F.pad(neg, (0, 0, 0, n - neg.shape[1]))])
-            glyph_mask = torch.cat([F.pad(glyph_mask, (0, n - glyph_mask.shape[1])),
-                                    F.pad(neg_mask, (0, n - neg_mask.shape[1]))])
-            prior, size = torch.cat([prior, prior]), torch.cat([size, size])
-            drop = torch.tensor([False] * b + [True] * b, device=dev)
-        else:
-            drop = torch.zeros(b, dtype=torch.bool, device=dev)
-        glyph = glyph.to(self.dtype)
-        p = self.cfg.dit.patch_size
-        n_patches = (height // f // p) * (width // f // p)
-        # the key mask is the same at every step: build it once per request (no host sync inside the loop)
-        mask = self.dit.attention_mask(glyph_mask, n_patches, cond_kv=cond_kv, use_cond=~drop)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            xx = torch.cat([x, x]) if use_cfg else x
-            tt = torch.cat([t, t]) if use_cfg else t
-            v = self.dit(xx.to(self.dtype), tt, prior_ids=prior, prior_drop=drop, glyph=glyph, target_size=size,
-                         cond_kv=cond_kv, attn_mask=mask).float()
-            return dsample.cfg_combine(*v.chunk(2), guidance) if use_cfg else v
-
-        sch = self.cfg.schedule
-        ts = dsample.timesteps(steps, sch.num_train_timesteps)
-        mu = dsample.shift_mu(n_patches, base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
-                              max_shift=sch.max_shift)
-        sigmas = dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps)
+        neg = self.glyph.encode([negative_prompt] * b) if guidance > 1.0 else (None, None)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
-            return dsample.sample(velocity, noise, ts, sigmas, progress=bar)
+            return dsample.generate_latents(self.dit, noise, prior=prior, glyph=glyph, glyph_mask=glyph_mask,
+                                            size=(height, width), steps=steps, guidance=guidance,
+                                            schedule=self.cfg.schedule, neg_glyph=neg[0], neg_mask=neg[1],
+                                            cond_kv=cond_kv, dtype=self.dtype, progress=bar)
 
 
 def _generators(seed: int | list[int], device: torch.device) -> torch.Generator | list[torch.Generator]:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -53,3 +54,50 @@ def sample(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise
         if progress is not None:
             progress.update(1)
     return x
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Stack two (B, L_i, ...) batches along B, zero-padding L to the longer one."""
+    n = max(a.shape[1], b.shape[1])
+    pad = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(a), pad(b)])
+
+
+@torch.no_grad()
+def generate_latents(dit, noise: torch.Tensor, *, prior: torch.Tensor, glyph: torch.Tensor, glyph_mask: torch.Tensor,
+                     size: tuple[int, int], steps: int, guidance: float, schedule,
+                     neg_glyph: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None,
+                     cond_kv: list | None = None, dtype: torch.dtype | None = None, progress=None) -> torch.Tensor:
+    """The DiT's guided Euler sampling, shared by the pipeline and the training samples.
+
+    noise: (B, C, h, w); prior: (B, N) ids; glyph: (B, L, D) with glyph_mask (B, L); size: (height, width) px;
+    neg_glyph / neg_mask: the unconditional branch's glyph stream (needed when guidance > 1); cond_kv: condition
+    images' K/V, read by the conditional rows only; schedule: a ScheduleConfig -> latents (B, C, h, w) float32.
+    Both guidance branches run as one batch [cond ; uncond]; the key mask is built once, not at every step.
+    """
+    b, dev = noise.shape[0], noise.device
+    dtype = dtype or glyph.dtype
+    use_cfg = guidance > 1.0
+    size_t = torch.tensor([list(size)] * b, device=dev, dtype=torch.float32)
+    drop = torch.zeros(b, dtype=torch.bool, device=dev)
+    if use_cfg:
+        if neg_glyph is None or neg_mask is None:
+            raise ValueError("guidance > 1 needs the unconditional glyph stream (neg_glyph, neg_mask)")
+        glyph, glyph_mask = _pad_cat(glyph, neg_glyph), _pad_cat(glyph_mask, neg_mask)
+        prior, size_t = torch.cat([prior, prior]), torch.cat([size_t, size_t])
+        drop = torch.cat([drop, torch.ones(b, dtype=torch.bool, device=dev)])
+    glyph = glyph.to(dtype)
+    p = dit.cfg.patch_size
+    n_patches = (noise.shape[2] // p) * (noise.shape[3] // p)
+    mask = dit.attention_mask(glyph_mask, n_patches, cond_kv=cond_kv, use_cond=~drop)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xx, tt = (torch.cat([x, x]), torch.cat([t, t])) if use_cfg else (x, t)
+        v = dit(xx.to(dtype), tt, prior_ids=prior, prior_drop=drop, glyph=glyph, target_size=size_t,
+                cond_kv=cond_kv, attn_mask=mask).float()
+        return cfg_combine(*v.chunk(2), guidance) if use_cfg else v
+
+    ts = timesteps(steps, schedule.num_train_timesteps)
+    mu = shift_mu(n_patches, base_seq_len=schedule.base_image_seq_len, base_shift=schedule.base_shift,
+                  max_shift=schedule.max_shift)
+    return sample(velocity, noise, ts, shifted_sigmas(ts, mu, schedule.num_train_timesteps), progress=progress)

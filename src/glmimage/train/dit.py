@@ -164,25 +164,13 @@ def main(cfg: DiTTrainConfig) -> Path:
 @torch.no_grad()
 def sample_latents(dit: DiT, glyph: GlyphEncoder, prior: torch.Tensor, prompts: list[str], mcfg, size: int,
                    steps: int, guidance: float, seed: int = 0) -> torch.Tensor:
-    """Euler + CFG from given prior ids (B, N) and prompts -> latents (B, C, h, w)."""
-    b = prior.shape[0]
-    f, p = mcfg.vae_factor, mcfg.dit.patch_size
+    """The pipeline's sampler from given prior ids (B, N) and prompts -> latents (B, C, h, w)."""
+    b, f = prior.shape[0], mcfg.vae_factor
     noise = torch.randn(b, mcfg.dit.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
-    gl, gm = glyph.encode(list(prompts) + [""] * b)
-    prior2 = torch.cat([prior, prior])
-    drop = torch.tensor([False] * b + [True] * b)
-    size_t = torch.tensor([[size, size]] * 2 * b, dtype=torch.float32)
-
-    def velocity(x, t):
-        v = dit(torch.cat([x, x]), torch.cat([t, t]), prior_ids=prior2, prior_drop=drop, glyph=gl,
-                target_size=size_t, glyph_mask=gm).float()
-        return dsample.cfg_combine(*v.chunk(2), guidance)
-
-    sch = mcfg.schedule
-    ts = dsample.timesteps(steps, sch.num_train_timesteps)
-    mu = dsample.shift_mu((size // f // p) ** 2, base_seq_len=sch.base_image_seq_len, base_shift=sch.base_shift,
-                          max_shift=sch.max_shift)
-    return dsample.sample(velocity, noise, ts, dsample.shifted_sigmas(ts, mu, sch.num_train_timesteps))
+    gl, gm = glyph.encode(list(prompts))
+    neg, nm = glyph.encode([""] * b)
+    return dsample.generate_latents(dit, noise, prior=prior, glyph=gl, glyph_mask=gm, size=(size, size), steps=steps,
+                                    guidance=guidance, schedule=mcfg.schedule, neg_glyph=neg, neg_mask=nm)
 
 
 @torch.no_grad()
