@@ -214,11 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not 0 < args.port < 65536 or args.max_queue < 1 or args.max_batch < 1 or args.timeout <= 0:
                 raise ValueError("--port must be 1..65535, --max-queue and --max-batch >= 1, --timeout > 0")
-            from glmimage.serve.app import is_loopback
+            from glmimage.serve.app import check_bind
 
-            if not is_loopback(args.host) and args.api_key is None and not args.allow_unauthenticated_remote:
-                raise ValueError(f"refusing to serve {args.host} without an API key: pass --api-key KEY, or "
-                                 "--allow-unauthenticated-remote to expose the model to anyone who can reach it")
+            check_bind(args.host, args.api_key, args.allow_unauthenticated_remote)  # before loading the model
             pipe = load_engine(args.model, args)
             serve(pipe, host=args.host, port=args.port, api_key=args.api_key,
                   allow_unauthenticated_remote=args.allow_unauthenticated_remote, model_name=Path(args.model).name,

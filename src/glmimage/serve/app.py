@@ -446,15 +446,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind(host: str, api_key: str | None, allow_unauthenticated_remote: bool) -> None:
+    """Binding beyond loopback needs an API key or an explicit opt-out."""
+    if not is_loopback(host) and api_key is None and not allow_unauthenticated_remote:
+        raise ValueError(f"refusing to serve {host} without an API key: pass --api-key KEY, or "
+                         "--allow-unauthenticated-remote to expose the model to anyone who can reach it")
+
+
 def serve(pipe, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           allow_unauthenticated_remote: bool = False, model_name: str = "glmimage", max_queue: int = 16,
           max_batch: int = 4, timeout: float = 300.0) -> None:
     """Run the API with uvicorn (blocking). Binding beyond loopback needs an API key or an explicit opt-out."""
     import uvicorn
 
-    if not is_loopback(host) and api_key is None and not allow_unauthenticated_remote:
-        raise ValueError(f"refusing to serve {host} without an API key: pass --api-key KEY, or "
-                         "--allow-unauthenticated-remote to expose the model to anyone who can reach it")
+    check_bind(host, api_key, allow_unauthenticated_remote)
     app = create_app(pipe, model_name=model_name, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
                      limits=Limits(timeout=timeout))
     uvicorn.run(app, host=host, port=port, log_level="info")
