@@ -9,6 +9,7 @@ import torch.nn as nn
 import glmimage
 from glmimage.ar import generate as argen
 from glmimage.cli import main as cli
+from glmimage.dit.model import fill_zero_params
 from glmimage.quant import Int8Linear, quantize_int8
 
 KW = dict(greedy=True, num_inference_steps=3, progress=False)
@@ -25,11 +26,7 @@ def pipe():
 
 def random_dit(p):
     """The debug DiT is zero-initialised (adaLN gates, output layer): give it weights that make a velocity."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in p.dit.parameters():
-            if t.abs().max() == 0:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    fill_zero_params(p.dit)
     return p
 
 

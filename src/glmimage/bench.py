@@ -215,15 +215,12 @@ def prepare(size: str, folder: Path, height: int, width: int) -> dict:
     """Build the random-weight model once, save it in both layouts -> facts of the model (FLOPs, sizes)."""
     import glmimage
     from glmimage.checkpoint import build
+    from glmimage.dit.model import fill_zero_params
     from glmimage.tokenizer.text import TextTokenizer
 
     cfg = bench_config(size)
     pipe = build(cfg, TextTokenizer.byte_level(cfg.vq.codebook_size), device="cpu", seed=0)
-    with torch.no_grad():  # training init zeroes the DiT's gates and output: random values make real work
-        g = torch.Generator().manual_seed(0)
-        for t in pipe.dit.parameters():
-            if t.abs().max() == 0:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    fill_zero_params(pipe.dit, std=0.02)  # training init zeroes the DiT's gates and output: make real work
     glmimage.save(pipe, folder / "ours")
     glmimage.export_official(pipe, folder / "official")
     from glmimage.ar.generate import layout_prompt

@@ -51,6 +51,9 @@ def _engine(p: argparse.ArgumentParser) -> None:
                    help="weight-only int8 for the linear layers of the AR and the DiT")
     p.add_argument("--compile", action="store_true", help="torch.compile the AR decode step (falls back to eager "
                    "with one log line where compilation fails)")
+    p.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:SCALE]",
+                   help="merge a LoRA adapter (from `glmimage finetune`) into the weights, scaled (default 1); repeat "
+                   "for several")
 
 
 def load_engine(model: str, args: argparse.Namespace):
@@ -61,6 +64,11 @@ def load_engine(model: str, args: argparse.Namespace):
     dev = resolve_device(args.device)
     split = args.offload or args.ar_device or args.dit_device or args.quantize != "none"
     pipe = glmimage.load(model, device="cpu" if split else dev, dtype=args.dtype)
+    if args.lora:
+        from glmimage import lora
+
+        for line in lora.apply(pipe, args.lora):
+            print(line, file=sys.stderr)
     pipe.quantize(args.quantize)
     if split:
         pipe.place(ar_device=args.ar_device or dev, dit_device=args.dit_device or dev, offload=args.offload)
@@ -125,6 +133,53 @@ def _train(args: argparse.Namespace) -> None:
 
         path = assemble(args.out, dest=args.ship)
     print(f"wrote {path}")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from glmimage import finetune
+
+    kw = {k: v for k, v in vars(args).items() if k in FINETUNE_FLAGS and v is not None}
+    cfg = finetune.FinetuneConfig().with_overrides(**kw, **_parse_set(args.set))
+    finetune.main(cfg)
+
+
+FINETUNE_FLAGS = ("model", "data", "out", "cache", "target", "method", "rank", "alpha", "resolution", "steps",
+                  "batch_size", "lr", "grad_accum", "grad_checkpointing", "ema", "parallel", "device", "threads",
+                  "sample_every", "ckpt_every", "bf16", "seed")
+
+
+def _finetune_parser(sub) -> None:
+    f = sub.add_parser("finetune", help="LoRA or full fine-tuning on captioned images (torchrun for several "
+                       "processes)", description="Fine-tune the AR model, the DiT or both on an image folder "
+                       "(captions in .txt beside each image), a .jsonl manifest or webdataset .tar shards. Images are "
+                       "pretokenized once into <out>/cache. Writes <out>/adapter.safetensors (LoRA) or <out>/model "
+                       "(full), samples.png (data | base | fine-tuned), loss.png, tb/; resumes from <out>/ckpt. "
+                       "Several processes: torchrun --nproc_per_node N -m glmimage finetune ...")
+    f.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or preset")
+    f.add_argument("--data", required=True, help="image folder, .jsonl manifest, .tar shard or folder of shards")
+    f.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
+    f.add_argument("--cache", default=None, help="pretokenized items (default <out>/cache; share it between runs)")
+    f.add_argument("--target", default="dit", choices=["ar", "dit", "both"], help="what trains (default dit)")
+    f.add_argument("--method", default="lora", choices=["lora", "full"], help="LoRA adapters or all weights")
+    f.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16)")
+    f.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+    f.add_argument("--resolution", type=int, default=None, help="bucket area = RESOLUTION² px (default: the "
+                   "model's image size)")
+    f.add_argument("--steps", type=int, default=None, help="optimizer steps (default 500)")
+    f.add_argument("--batch-size", type=int, default=None, help="global batch size (default 8)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    f.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    f.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward (less memory)")
+    f.add_argument("--ema", type=float, default=None, help="EMA decay of the trained weights, e.g. 0.999 (default "
+                   "none); the EMA is what gets saved")
+    f.add_argument("--parallel", default=None, choices=["auto", "none", "ddp", "fsdp"],
+                   help="under torchrun: ddp (default) or fsdp (FSDP2, sharded)")
+    f.add_argument("--device", default=None, help="cpu (default), cuda or npu")
+    f.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    f.add_argument("--sample-every", type=int, default=None, help="steps between sample grids (default 100)")
+    f.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--max-batch", type=int, default=4, help="images generated together (default 4)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504 (default 300)")
     _engine(sv)
+    _finetune_parser(sub)
+    mg = sub.add_parser("merge", help="merge LoRA adapters into a model and save it",
+                        description="Load a model, merge one or more LoRA adapters (scaled) into its weights and "
+                        "write it in the glmimage format or the official diffusers layout.")
+    mg.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or preset")
+    mg.add_argument("--lora", action="append", required=True, metavar="ADAPTER[:SCALE]", help="adapter; repeatable")
+    mg.add_argument("--out", required=True, help="output folder")
+    mg.add_argument("--to", choices=["glmimage", "official"], default="glmimage", help="output format")
+    mg.add_argument("--dtype", default=None, help="store weights in this dtype (glmimage format only)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -209,6 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         elif args.command == "train":
             _train(args)
+        elif args.command == "finetune":
+            _finetune(args)
+        elif args.command == "merge":
+            import glmimage
+            from glmimage import lora
+
+            pipe = glmimage.load(args.model, device="cpu")
+            for line in lora.apply(pipe, args.lora):
+                print(line)
+            path = glmimage.save(pipe, args.out, dtype=args.dtype) if args.to == "glmimage" else \
+                glmimage.export_official(pipe, args.out)
+            print(f"wrote {path}")
         elif args.command == "serve":
             from glmimage.serve import serve
 

@@ -1,14 +1,17 @@
 """Datasets of real images with captions, for fine-tuning: an image folder with a caption `.txt` beside each image
-(the diffusers / kohya convention) or a JSONL manifest, and aspect-ratio buckets of sizes the model accepts.
+(the diffusers / kohya convention), a JSONL manifest, or webdataset shards (`.tar` files where `KEY.png|jpg|…` and
+`KEY.txt` (or `KEY.json` with "caption") belong together), and aspect-ratio buckets of sizes the model accepts.
 
 Loaders validate at the boundary: a missing caption, an unreadable or tiny image, a manifest line without `image`
 or `caption` raise ValueError naming the file (and line), before any training starts.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +23,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class Item:
-    image: Path
+    image: Path  # the image file, or the .tar shard that holds it
     caption: str
+    member: str | None = None  # the image's name inside the shard
 
 
 def scan_folder(root: str | Path) -> list[Item]:
@@ -73,10 +77,52 @@ def read_manifest(path: str | Path) -> list[Item]:
     return items
 
 
+def read_shards(shards: list[Path]) -> list[Item]:
+    """webdataset shards: in each .tar, files sharing a key (the name up to its first dot) form one sample."""
+    items = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for m in members:
+                    folder, _, base = m.name.rpartition("/")
+                    key, _, ext = base.partition(".")
+                    groups.setdefault(f"{folder}/{key}", {})[ext.lower()] = m
+                for key, files in sorted(groups.items()):
+                    image = next((files[e] for e in ("png", "jpg", "jpeg", "webp", "bmp") if e in files), None)
+                    if image is None:
+                        continue
+                    if "txt" in files:
+                        caption = tar.extractfile(files["txt"]).read().decode("utf-8").strip()
+                    elif "json" in files:
+                        meta = json.loads(tar.extractfile(files["json"]).read())
+                        caption = str(meta.get("caption") or meta.get("text") or "").strip() \
+                            if isinstance(meta, dict) else ""
+                    else:
+                        raise ValueError(f"{shard}: sample {key!r} has an image but no .txt or .json caption")
+                    if not caption:
+                        raise ValueError(f"{shard}: sample {key!r} has an empty caption")
+                    items.append(Item(shard, caption, image.name))
+        except (tarfile.TarError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read shard {shard}: {e}") from None
+    if not items:
+        raise ValueError(f"no captioned images in {', '.join(map(str, shards[:3]))}")
+    return items
+
+
 def load_items(source: str | Path) -> list[Item]:
-    """A folder (captions beside images) or a .jsonl manifest."""
+    """A folder (captions beside images, or .tar shards), a .jsonl manifest, or a .tar shard."""
     source = Path(source)
-    return read_manifest(source) if source.suffix == ".jsonl" else scan_folder(source)
+    if source.suffix == ".jsonl":
+        return read_manifest(source)
+    if source.suffix == ".tar":
+        if not source.is_file():
+            raise ValueError(f"shard not found: {source}")
+        return read_shards([source])
+    if source.is_dir() and (shards := sorted(source.glob("*.tar"))):
+        return read_shards(shards)
+    return scan_folder(source)
 
 
 def buckets(stride: int, area: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
@@ -100,16 +146,33 @@ def nearest_bucket(size: tuple[int, int], options: list[tuple[int, int]]) -> tup
     return min(options, key=lambda wh: abs(math.log(wh[0] / wh[1]) - r))
 
 
-def load_resized(path: Path, size: tuple[int, int], min_side: int = 16) -> np.ndarray:
-    """Read an image, scale it to cover `size` and centre-crop -> uint8 (H, W, 3)."""
+def open_image(item: Item | Path, min_side: int = 16) -> Image.Image:
+    """An item's image as RGB (from its file or its shard); ValueError when unreadable or tiny."""
+    item = item if isinstance(item, Item) else Item(Path(item), "")
+    name = f"{item.image}:{item.member}" if item.member else str(item.image)
     try:
-        with Image.open(path) as im:
+        if item.member:
+            with tarfile.open(item.image) as tar:
+                src = io.BytesIO(tar.extractfile(item.member).read())
+        else:
+            src = item.image
+        with Image.open(src) as im:
             im.load()
             im = im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError, KeyError, tarfile.TarError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from None
     if min(im.size) < min_side:
-        raise ValueError(f"{path}: {im.width}x{im.height} is too small (at least {min_side} px a side)")
+        raise ValueError(f"{name}: {im.width}x{im.height} is too small (at least {min_side} px a side)")
+    return im
+
+
+def load_resized(path: Item | Path, size: tuple[int, int], min_side: int = 16) -> np.ndarray:
+    """Read an image, scale it to cover `size` and centre-crop -> uint8 (H, W, 3)."""
+    return resize_crop(open_image(path, min_side), size)
+
+
+def resize_crop(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Scale to cover size (width, height), centre-crop -> uint8 (H, W, 3)."""
     w, h = size
     scale = max(w / im.width, h / im.height)
     im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.LANCZOS)

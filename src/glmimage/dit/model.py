@@ -229,3 +229,14 @@ DIT_PRESETS: dict[str, dict] = {
     "glm-image": dict(in_channels=16, patch_size=2, n_layers=30, n_heads=32, head_dim=128, glyph_dim=1472,
                       time_embed_dim=512, condition_dim=256, codebook_size=16384),
 }
+
+
+@torch.no_grad()
+def fill_zero_params(module: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
+    """Give every all-zero parameter random values N(0, std²). Training init zeroes the DiT's adaLN gates and output
+    layer (it starts as the identity); random-weight benchmarks and tests need a DiT that makes a velocity."""
+    g = torch.Generator().manual_seed(seed)
+    for t in module.parameters():
+        if t.abs().max() == 0:
+            t.copy_(torch.randn(t.shape, generator=g) * std)
+    return module

@@ -40,6 +40,7 @@ class DiTTrainConfig(C.StageConfig):
     sample_guidance: float = 1.5
     fg_weight: float = 0.0  # extra loss weight on latents under shape / text ids (objects are a small share of pixels)
     fg_from_step: int = 0  # ... from this step on
+    text_fraction: float = 0.0  # > 0: this share of the text-to-image rows is drawn from scenes with quoted text
 
 
 def stage_dir(cfg) -> Path:
@@ -71,6 +72,7 @@ def main(cfg: DiTTrainConfig) -> Path:
     (th, tw), _ = mcfg.grids(size, size)
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
     T = mcfg.schedule.num_train_timesteps
+    with_text = [i for i, cs in enumerate(scenes["captions"]) if any('"' in c for c in cs)]
 
     torch.manual_seed(cfg.seed)
     dit = DiT(mcfg.dit)
@@ -99,7 +101,8 @@ def main(cfg: DiTTrainConfig) -> Path:
             prior = upsample_ids(torch.from_numpy(ids_e[idx].astype(np.int64)).view(b, th, tw))
             texts = [edits["instructions"][i] for i in idx]
         else:
-            idx = np.sort(np.array([rng.randrange(len(scenes)) for _ in range(b)]))
+            idx = np.sort(np.array([rng.choice(with_text) if cfg.text_fraction and rng.random() < cfg.text_fraction
+                                    else rng.randrange(len(scenes)) for _ in range(b)]))
             x0 = torch.from_numpy(np.array(lat[idx], dtype=np.float32))
             prior = upsample_ids(torch.from_numpy(ids[idx].astype(np.int64)).view(b, th, tw))
             texts = [rng.choice(scenes["captions"][i]) for i in idx]
