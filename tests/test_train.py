@@ -118,6 +118,41 @@ def test_resume_gives_the_same_losses(run_dir, tmp_path, stage):
     assert straight == resumed
 
 
+@pytest.mark.parametrize("stage", ["ar", "dit"])
+def test_two_processes_train_like_one(run_dir, tmp_path, stage):
+    """torchrun --nproc_per_node 2 -m glmimage train STAGE: DDP on gloo, each process half of the global batch ->
+    the losses of one process (within float tolerance), checkpoints of the same step."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        for dep in ("data", "vae", "tokenizer"):
+            shutil.copytree(run_dir / dep, tmp_path / name / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    args = [stage, "--quick", "--steps", "4", "--set", "log_every=1", "--set", "sample_every=100",
+            "--set", "bf16=false", "--set", f"edit_fraction={0.5 if stage == 'dit' else 0.3}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "glmimage", "train", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                          str(29900 + random.randrange(90)), "-m", "glmimage", "train", *args, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / stage / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss", r.get("loss_t2i", r.get("loss_i2i")))) for r in rows if "lr" in r]
+
+    a, b = losses("one"), losses("two")
+    assert [s for s, _ in a] == [s for s, _ in b] == [0, 1, 2, 3]
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-5)
+    assert json.loads((tmp_path / "two" / stage / "ckpt" / "state.json").read_text())["step"] == 4
+
+
 def test_cli_train_rejects_bad_options(tmp_path, capsys):
     assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown option" in capsys.readouterr().err

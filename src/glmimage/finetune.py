@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -522,21 +520,17 @@ class Samples:
 
 
 def grid(rows: list[list[Image.Image]], cell: int = 128, pad: int = 4) -> Image.Image:
-    """Rows of images of any size, each fitted into a cell×cell square on white."""
+    """Rows of images of any size, each fitted into a cell×cell square and outlined, on white."""
+    from PIL import ImageDraw
+
     ncol = max(len(r) for r in rows)
     sheet = Image.new("RGB", (pad + ncol * (cell + pad), pad + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             s = cell / max(im.size)
-            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.NEAREST)
-            sheet.paste(im, (pad + j * (cell + pad) + (cell - im.width) // 2,
-                             pad + i * (cell + pad) + (cell - im.height) // 2))
+            im = im.convert("RGB").resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.NEAREST)
+            x, y = pad + j * (cell + pad) + (cell - im.width) // 2, pad + i * (cell + pad) + (cell - im.height) // 2
+            sheet.paste(im, (x, y))
+            draw.rectangle((x - 1, y - 1, x + im.width, y + im.height), outline=(160, 160, 160))
     return sheet
-
-
-def config_from(**kw) -> FinetuneConfig:
-    return FinetuneConfig().with_overrides(**kw)
-
-
-def describe(cfg: FinetuneConfig) -> str:
-    return json.dumps(asdict(cfg))

@@ -92,7 +92,7 @@ def wrap(model: nn.Module, mode: str, d: Dist, units: list[nn.Module]) -> nn.Mod
     first: parameters, gradients and optimizer state sharded across processes). `units`: the blocks, then the
     models that hold them, each its own FSDP root, so that a model called on its own (to draw samples) gathers its
     own weights; `model` itself (a holder without parameters of its own) is not sharded."""
-    if mode == "none":
+    if mode == "none" or not d.on:
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -6,10 +6,12 @@ and runs it; `run("all", ...)` runs every stage in order and assembles the model
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from pathlib import Path
 
 STAGES = ("data", "vae", "tokenizer", "ar", "dit")
+DISTRIBUTED = ("ar", "dit")  # stages that run under torchrun (DDP); the others are quick or bound by data work
 
 # Per stage: the recipe of the world model (`world`) and the smoke-test one (`quick`). The run in progress was
 # extended in legs (tokenizer 2,500 -> 4,500 steps; dit 2,000 -> 2,600 with the foreground weight from step 2,000),
@@ -42,6 +44,8 @@ def stage_config(stage: str, recipe: str = "world", **overrides):
 def run(stage: str, recipe: str = "world", **overrides) -> Path:
     """Run one stage (or "all") and return its output folder."""
     if stage == "all":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"`train all` runs in one process; under torchrun run the stages {', '.join(DISTRIBUTED)}")
         t0 = time.time()
         for s in STAGES:
             print(f"== stage {s} ({recipe}) ==", flush=True)
@@ -52,4 +56,7 @@ def run(stage: str, recipe: str = "world", **overrides) -> Path:
         print(f"== all stages done in {time.time() - t0:.0f} s; model: {path} ==", flush=True)
         return path
     cfg = stage_config(stage, recipe, **overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage not in DISTRIBUTED:
+        raise ValueError(f"stage {stage} runs in one process; under torchrun: {', '.join(DISTRIBUTED)} (and "
+                         "`glmimage finetune`)")
     return importlib.import_module(f"glmimage.train.{stage}").main(cfg)

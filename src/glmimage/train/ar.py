@@ -5,6 +5,9 @@ Sequences are laid out by `ar.generate.layout_prompt`, the same function inferen
 see identical ids and mRoPE positions. Rows are left-padded so that the grids end every row; the loss is the cross
 entropy of the grid ids only. Outputs in <out>/ar/: ar.safetensors, samples.png (what the sampled ids say, next
 to the ids of the real image, at 4-px resolution), loss.png, tb/, ckpt/.
+
+Under torchrun the model is wrapped in DDP and each process takes its slice of the global batch (every process
+draws the whole batch from (seed, step), so N processes see the losses of one).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from glmimage import parallel
 from glmimage.ar import generate as argen
 from glmimage.ar.model import ARModel
 from glmimage.config import preset
@@ -81,6 +85,7 @@ def text_tokenizer(root: Path, codebook_size: int, merges: int) -> TextTokenizer
 
 def main(cfg: ARTrainConfig) -> Path:
     C.set_threads(cfg)
+    d = C.distributed(cfg)
     out = stage_dir(cfg)
     C.write_config(out, cfg)
     mcfg = preset(cfg.preset)
@@ -96,6 +101,9 @@ def main(cfg: ARTrainConfig) -> Path:
     target, preview = mcfg.grids(size, size)
     if ids_t.shape[1] != target[0] * target[1] or ids_p.shape[1] != preview[0] * preview[1]:
         raise ValueError(f"tokenizer ids {ids_t.shape[1]}/{ids_p.shape[1]} do not match the grids {target}/{preview}")
+    if d.main:
+        text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges)  # trained once, by one process
+    parallel.barrier(d)
     tok = text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges)
     if len(tok) > mcfg.ar.vocab_size:
         raise ValueError(f"text tokenizer has {len(tok)} ids, the AR embedding {mcfg.ar.vocab_size}")
@@ -108,8 +116,9 @@ def main(cfg: ARTrainConfig) -> Path:
     opt = C.make_optimizer(model.parameters(), cfg)
     state = C.load_checkpoint(out, {"ar": model}, opt)
     start = state["step"] if state else 0
-    log = C.Log(out, start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="ar", unit="step")
+    log = C.Log(out, start) if d.main else None
+    ddp = parallel.wrap(model, "ddp", d, [])
+    bar = tqdm(total=cfg.steps, initial=start, desc="ar", unit="step", disable=not d.main)
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
@@ -125,12 +134,15 @@ def main(cfg: ARTrainConfig) -> Path:
                 text = "" if rng.random() < cfg.caption_dropout else rng.choice(captions[i])
                 p = argen.layout_prompt(tok, text, target=target, preview=preview)
                 rows.append((p, torch.from_numpy(np.concatenate([ids_p[i], ids_t[i]]).astype(np.int64))))
-        ids, pos, targets = make_batch(rows, tok.pad_id)
+        n_targets = sum(g.numel() for _, g in rows)  # of the global batch (edit rows have no preview grid)
+        ids, pos, targets = make_batch(C.my_rows(rows, d), tok.pad_id)
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
         with C.autocast(cfg.bf16):
-            logits = model(ids, pos, None)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            logits = ddp(ids, pos, None)
+        # the global batch's mean: this slice's sum over all targets (× processes, as DDP averages gradients)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction="sum") * d.world / n_targets
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -138,20 +150,26 @@ def main(cfg: ARTrainConfig) -> Path:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             sel = targets != -100
-            acc = (logits.argmax(-1)[sel] == targets[sel]).float().mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            log.scalars(step, loss=loss.item(), token_acc=acc, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+            acc = parallel.mean(d, (logits.argmax(-1)[sel] == targets[sel]).float().mean()).item()
+            loss_v = parallel.mean(d, loss).item()  # = the global batch's mean cross entropy
+            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
+            if d.main:
+                log.scalars(step, loss=loss_v, token_acc=acc, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
         done = step + 1
-        if done % cfg.sample_every == 0 or done == cfg.steps:
+        if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             _samples(model, tok, scenes, ids_t, code_patches, target, preview, cfg, out / "samples.png")
             log.plot(f"ar · step {done}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            C.save_checkpoint(out, {"ar": model}, opt, done)
+            if d.main:
+                C.save_checkpoint(out, {"ar": model}, opt, done)
+            parallel.barrier(d)
     bar.close()
-    log.plot(f"ar · step {cfg.steps}")
-    log.close()
-    model.eval()
-    C.save_weights(model, out / "ar.safetensors")
+    if d.main:
+        log.plot(f"ar · step {cfg.steps}")
+        log.close()
+        model.eval()
+        C.save_weights(model, out / "ar.safetensors")
+    parallel.shutdown(d)
     return out
 
 

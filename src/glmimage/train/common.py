@@ -226,6 +226,22 @@ def write_config(stage_dir: Path, cfg: StageConfig) -> None:
     (stage_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
+def distributed(cfg: StageConfig):
+    """Join torchrun's process group (DDP stages). Each process takes an equal slice of the global batch."""
+    from glmimage import parallel
+
+    d = parallel.init("cpu")
+    if cfg.batch_size % d.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {d.world} processes")
+    return d
+
+
+def my_rows(rows, d):
+    """This process's slice of a global batch (a list or a tensor's first axis)."""
+    n = len(rows) // d.world
+    return rows[d.rank * n:(d.rank + 1) * n]
+
+
 def set_threads(cfg: StageConfig) -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

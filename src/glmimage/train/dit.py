@@ -7,6 +7,7 @@ the raw timestep 1000·u − 1 (the GLM-Image convention the sampler follows). C
 condition image together, as the sampler's unconditional branch drops them) trains classifier-free guidance.
 Outputs in <out>/dit/: dit.safetensors + glyph.safetensors (EMA weights), samples.png (real | sampled from the real
 ids and the caption), loss.png, tb/, ckpt/.
+Under torchrun the step runs in DDP, each process on its slice of the global batch (N processes = one).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
+from glmimage import parallel
 from glmimage.checkpoint import TIED_T5
 from glmimage.config import preset
 from glmimage.dit import sample as dsample
@@ -57,6 +60,7 @@ def sigma_of(u: torch.Tensor, mcfg, seq_len: int) -> torch.Tensor:
 
 def main(cfg: DiTTrainConfig) -> Path:
     C.set_threads(cfg)
+    d = C.distributed(cfg)
     out = stage_dir(cfg)
     C.write_config(out, cfg)
     mcfg = preset(cfg.preset)
@@ -87,51 +91,51 @@ def main(cfg: DiTTrainConfig) -> Path:
     opt = C.make_optimizer(params, cfg)
     state = C.load_checkpoint(out, models, opt)
     start = state["step"] if state else 0
-    log = C.Log(out, start)
+    log = C.Log(out, start) if d.main else None
+    step_fn = parallel.wrap(Step(dit, glyph), "ddp", d, [])
     vae = None
-    bar = tqdm(total=cfg.steps, initial=start, desc="dit", unit="step")
+    bar = tqdm(total=cfg.steps, initial=start, desc="dit", unit="step", disable=not d.main)
     for step in range(start, cfg.steps):
+        # the global batch and its random draws, on every process; each process then takes its slice of the rows
         g = C.step_generator(cfg.seed, step)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
         b = cfg.batch_size
         is_edit = rng.random() < cfg.edit_fraction
         if is_edit:
             idx = np.sort(np.array([rng.randrange(len(edits)) for _ in range(b)]))
-            x0 = torch.from_numpy(np.array(lat_e[idx], dtype=np.float32))
-            prior = upsample_ids(torch.from_numpy(ids_e[idx].astype(np.int64)).view(b, th, tw))
             texts = [edits["instructions"][i] for i in idx]
         else:
             idx = np.sort(np.array([rng.choice(with_text) if cfg.text_fraction and rng.random() < cfg.text_fraction
                                     else rng.randrange(len(scenes)) for _ in range(b)]))
-            x0 = torch.from_numpy(np.array(lat[idx], dtype=np.float32))
-            prior = upsample_ids(torch.from_numpy(ids[idx].astype(np.int64)).view(b, th, tw))
             texts = [rng.choice(scenes["captions"][i]) for i in idx]
         drop = torch.rand(b, generator=g) < cfg.cond_dropout
-        texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        texts = ["" if dropped else t for t, dropped in zip(texts, drop.tolist())]
         u = torch.rand(b, generator=g).clamp(1e-3, 1.0)
+        noise = torch.randn((b, *lat.shape[1:]), generator=g)
+        idx, texts, drop, u, noise = (C.my_rows(x, d) for x in (idx, texts, drop, u, noise))
+        n = len(idx)
+        x0 = torch.from_numpy(np.array((lat_e if is_edit else lat)[idx], dtype=np.float32))
+        row_ids = (ids_e if is_edit else ids)[idx].astype(np.int64)
+        prior = upsample_ids(torch.from_numpy(row_ids).view(n, th, tw))
         sigma = sigma_of(u, mcfg, seq_len)[:, None, None, None]
-        noise = torch.randn(x0.shape, generator=g)
         xt = (1 - sigma) * x0 + sigma * noise
         target = noise - x0
-        size_t = torch.tensor([[size, size]] * b, dtype=torch.float32)
+        size_t = torch.tensor([[size, size]] * n, dtype=torch.float32)
+        src = src_prior = None
+        if is_edit:
+            src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
+            src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
         with C.autocast(cfg.bf16):
-            gl, gmask = glyph(texts)
-            cond_kv = None
-            if is_edit:
-                src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
-                src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(b, th, tw))
-                cond_kv = dit.condition_kv_batched(src, src_prior, size_t)
-            v = dit(xt, u * T - 1, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
-                    cond_kv=cond_kv, use_cond=~drop if is_edit else None)
+            v = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior)
         err = (v.float() - target).pow(2)
         if cfg.fg_weight and step >= cfg.fg_from_step:
             f = x0.shape[-1] // tw  # latent pixels per AR token
-            fg = torch.from_numpy((ids_e[idx] if is_edit else ids[idx]).astype(np.int64) >= N_BG).float()
-            fg = fg.view(b, 1, th, tw).repeat_interleave(f, 2).repeat_interleave(f, 3)
+            fg = torch.from_numpy(row_ids >= N_BG).float()
+            fg = fg.view(n, 1, th, tw).repeat_interleave(f, 2).repeat_interleave(f, 3)
             err = err * (1 + cfg.fg_weight * fg)
-        loss = err.mean()
+        loss = err.mean()  # every process has as many elements: the mean of the means is the global mean
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -143,11 +147,13 @@ def main(cfg: DiTTrainConfig) -> Path:
                     q.lerp_(p.detach(), 1 - decay)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            key = "loss_i2i" if is_edit else "loss_t2i"
-            log.scalars(step, **{key: loss.item()}, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+            loss_v = parallel.mean(d, loss).item()
+            bar.set_postfix(loss=f"{loss_v:.4f}")
+            if d.main:
+                key = "loss_i2i" if is_edit else "loss_t2i"
+                log.scalars(step, **{key: loss_v}, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
         done = step + 1
-        if done % cfg.sample_every == 0 or done == cfg.steps:
+        if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             if vae is None:
                 from glmimage.train.vae import load_trained
 
@@ -155,13 +161,31 @@ def main(cfg: DiTTrainConfig) -> Path:
             _samples(ema_dit, ema_glyph, vae, scenes, lat, ids, mcfg, cfg, out / "samples.png")
             log.plot(f"dit · step {done}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            C.save_checkpoint(out, models, opt, done)
+            if d.main:
+                C.save_checkpoint(out, models, opt, done)
+            parallel.barrier(d)
     bar.close()
-    log.plot(f"dit · step {cfg.steps}")
-    log.close()
-    C.save_weights(ema_dit, out / "dit.safetensors")
-    C.save_weights(ema_glyph.encoder, out / "glyph.safetensors", skip=(TIED_T5,))  # tied to shared.weight
+    if d.main:
+        log.plot(f"dit · step {cfg.steps}")
+        log.close()
+        C.save_weights(ema_dit, out / "dit.safetensors")
+        C.save_weights(ema_glyph.encoder, out / "glyph.safetensors", skip=(TIED_T5,))  # tied to shared.weight
+    parallel.shutdown(d)
     return out
+
+
+class Step(nn.Module):
+    """One training forward (glyph encoder, condition K/V, DiT) as a module, so that DDP can wrap it."""
+
+    def __init__(self, dit: DiT, glyph: GlyphEncoder) -> None:
+        super().__init__()
+        self.dit, self.glyph = dit, glyph
+
+    def forward(self, xt, t, prior, drop, texts, size_t, src=None, src_prior=None) -> torch.Tensor:
+        gl, gmask = self.glyph(texts)
+        cond_kv = None if src is None else self.dit.condition_kv_batched(src, src_prior, size_t)
+        return self.dit(xt, t, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
+                        cond_kv=cond_kv, use_cond=~drop if src is not None else None)
 
 
 @torch.no_grad()
