@@ -107,8 +107,8 @@ def main() -> None:
     lora.apply(tuned, [str(out / "run" / "adapter.safetensors")])
     tuned_new_images, tuned_new = judge(tuned, new, 0)
     _, tuned_old = judge(tuned, old, 0)
-    report = {"word": WORD, "means": MEANS, "n_train": args.n_train, "n_prior": args.n_train, "n_eval": args.n_eval, "steps": args.steps,
-              "rank": args.rank, "lr": args.lr, "judged": {
+    report = {"word": WORD, "means": MEANS, "n_train": args.n_train, "n_prior": args.n_train, "n_eval": args.n_eval,
+              "steps": args.steps, "rank": args.rank, "lr": args.lr, "judged": {
                   f"base, '{WORD}' prompts": base_new, f"base + LoRA, '{WORD}' prompts": tuned_new,
                   f"base, '{MEANS}' prompts (control)": base_old, f"base + LoRA, '{MEANS}' prompts": tuned_old}}
     (out / "lora_new_word.json").write_text(json.dumps(report, indent=2))

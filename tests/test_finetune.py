@@ -196,6 +196,25 @@ def test_two_adapters_add_up(tmp_path):
     torch.testing.assert_close(deltas[2], deltas[0] + deltas[1], rtol=1e-5, atol=1e-6)
 
 
+def test_merge_writes_the_official_layout(ref_dir, tmp_path):
+    """`glmimage merge --to official` on a model in the official layout: the merged DiT and AR round-trip."""
+    folder, _ = ref_dir
+    donor = glmimage.load(folder, device="cpu")
+    tensors = {c: _random_adapter(donor, c, seed=i) for i, c in enumerate(("ar", "dit"))}
+    adapter = lora.save(tmp_path / "a.safetensors", tensors, rank=4, alpha=8.0, base_model=str(folder))
+    assert cli(["merge", "--model", str(folder), "--lora", f"{adapter}:0.5", "--out", str(tmp_path / "off"),
+                "--to", "official"]) == 0
+    exported = glmimage.load(tmp_path / "off", device="cpu")
+    direct = glmimage.load(folder, device="cpu")
+    lora.apply(direct, [f"{adapter}:0.5"])
+    base = glmimage.load(folder, device="cpu")
+    for c in ("ar", "dit"):
+        got, want, orig = (getattr(p, c).state_dict() for p in (exported, direct, base))
+        assert any(not torch.equal(want[k], orig[k]) for k in want)  # the merge changed something
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+
+
 def test_bad_adapters_are_refused(tmp_path):
     pipe = glmimage.load("debug", device="cpu")
     with pytest.raises(ValueError, match="not found"):

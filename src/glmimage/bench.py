@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from glmimage.pipeline import DTYPE_NAMES, proc_status_mib, resolve_dtype
+
 PROMPT = "A photo of a red circle next to a sign that says 'HELLO', on a blue background"
 SIZES = ("debug", "small", "glm-image")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +109,7 @@ def _rss_mib() -> float:
 
     import glmimage  # noqa: F401
 
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_mib("VmRSS") or 0.0
 
 
 def _peak(device: torch.device) -> float:
@@ -159,7 +156,7 @@ def run_reference(folder: Path, v: Variant, job: dict) -> dict:
     from diffusers import GlmImagePipeline
 
     base = _rss_mib()
-    dtype = DTYPE_NAMES[v.dtype]
+    dtype = resolve_dtype(v.dtype)
     device = torch.device(job["device"])
     pipe = GlmImagePipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -251,7 +248,8 @@ def run(size: str = "small", *, variants: list[Variant], height: int = 256, widt
     out.mkdir(parents=True, exist_ok=True)
     machine = {"device": str(dev), "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__,
                "copy_bandwidth_gbs": copy_bandwidth() / 1e9 if dev.type == "cpu" else _gpu_bandwidth(dev) / 1e9}
-    machine["matmul_tflops"] = {d: (matmul_rate(DTYPE_NAMES[d]) if dev.type == "cpu" else _gpu_matmul(dev, DTYPE_NAMES[d])) / 1e12
+    rate = (lambda dt: matmul_rate(dt)) if dev.type == "cpu" else (lambda dt: _gpu_matmul(dev, dt))
+    machine["matmul_tflops"] = {d: rate(resolve_dtype(d)) / 1e12
                                 for d in sorted({v.dtype for v in variants})}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

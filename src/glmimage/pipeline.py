@@ -25,6 +25,7 @@ from glmimage.tokenizer.text import TextTokenizer, find_control_token
 from glmimage.tokenizer.vq import VisualTokenizer, preprocess, smart_resize
 from glmimage.vae import VAE
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the canonical names (DTYPES also takes fp32 / bf16 / fp16)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "npu", "mps")
@@ -77,15 +78,22 @@ class Result:
     peak_memory: dict[str, float] = field(default_factory=dict)  # MiB: per accelerator used, and the host's "cpu"
 
 
-def peak_host_memory_mib() -> float:
-    """High-water mark of this process's resident memory in MiB: VmHWM on Linux (ru_maxrss is inherited across
-    fork + exec, so a child started by a big parent would report the parent's peak), ru_maxrss elsewhere."""
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: the peak) in MiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_host_memory_mib() -> float:
+    """High-water mark of this process's resident memory in MiB: VmHWM on Linux (ru_maxrss is inherited across
+    fork + exec, so a child started by a big parent would report the parent's peak), ru_maxrss elsewhere."""
+    if (hwm := proc_status_mib("VmHWM")) is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
