@@ -43,6 +43,23 @@ def make_data(root: Path, n: int = 12) -> Path:
     return root
 
 
+def make_edits(root: Path, n: int = 8) -> Path:
+    """World edit pairs as a JSONL manifest of {"image": after, "source": before, "caption": instruction}."""
+    from glmimage.world import sample_edit
+    from glmimage.world.render import render
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    lines = []
+    for i in range(n):
+        e = sample_edit(rng)
+        render(e.source, 64).save(root / f"{i}_src.png")
+        render(e.target, 64).save(root / f"{i}_tgt.png")
+        lines.append(json.dumps({"image": f"{i}_tgt.png", "source": f"{i}_src.png", "caption": e.instruction}))
+    (root / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "edits.jsonl"
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("ftdata") / "images")
@@ -281,6 +298,26 @@ def test_generate_and_merge_with_the_adapter(lora_run, base, tmp_path, capsys):
         assert torch.equal(a, b)
     assert cli(["generate", "x", "--model", "debug", "--lora", str(tmp_path / "none.safetensors")]) == 2
     assert "LoRA adapter not found" in capsys.readouterr().err
+
+
+def test_edit_pairs_finetune_image_to_image(base, tmp_path):
+    manifest = make_edits(tmp_path / "edits")
+    out = tmp_path / "run"
+    finetune.main(run_cfg(out, manifest, base, steps=2, n_samples=2, sample_every=2))
+    rows = losses(out)
+    assert len(rows) == 2 and all(np.isfinite(r["loss_ar"]) and np.isfinite(r["loss_dit"]) for r in rows)
+    cached = load_file(str(next((tmp_path / "cache").glob("*.safetensors"))))
+    assert {"src_ids", "src_latents", "src_pixels"} <= cached.keys()
+    sheet = Image.open(out / "samples.png")
+    assert sheet.height > 4 * 128  # sources | targets | base | tuned
+    lines = manifest.read_text().splitlines()
+    folder = manifest.parent
+    (folder / "mixed.jsonl").write_text(lines[0] + "\n" + json.dumps({"image": "0_tgt.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="separate manifests"):
+        load_items(folder / "mixed.jsonl")
+    (folder / "nosrc.jsonl").write_text(lines[0].replace("0_src.png", "missing.png"))
+    with pytest.raises(ValueError, match="source image not found"):
+        load_items(folder / "nosrc.jsonl")
 
 
 def test_pretokenized_cache_is_reused(lora_run, data, base, tmp_path, monkeypatch):

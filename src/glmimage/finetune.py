@@ -10,7 +10,9 @@
 2. Train (`main`): the frozen model with LoRA adapters (peft) or with the target's weights trainable; the AR learns
    the preview then target grid from the caption (cross entropy on the grid ids), the DiT flow matching on the
    latents conditioned on the true ids and the glyph stream (the world's `dit` stage objective). Captions are
-   dropped (classifier-free guidance) with probability `caption_dropout`.
+   dropped (classifier-free guidance) with probability `caption_dropout`. Edit pairs (a manifest with "source")
+   train image-to-image: the AR writes the target grid after the source's ids and the instruction, the DiT reads
+   the source's K/V, both exactly as inference lays them out.
 
 Determinism: the global batch of step s is a pure function of (seed, s) and every random draw of a row of it comes
 from a generator seeded with (seed, s, row), so the losses do not depend on how the rows are split across processes
@@ -102,9 +104,12 @@ def model_fingerprint(model: str) -> str:
 
 
 def item_key(item: Item, area: int, fingerprint: str) -> str:
-    st = Path(item.image).stat()
-    what = [str(Path(item.image).resolve()), item.member or "", st.st_size, st.st_mtime_ns, item.caption, area,
-            fingerprint]
+    def stat(path: Path) -> list:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+    what = [stat(Path(item.image)), item.member or "", stat(item.source) if item.source else None, item.caption,
+            area, fingerprint]
     return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:24]
 
 
@@ -124,11 +129,23 @@ def encode_item(pipe, item: Item, options: list[tuple[int, int]]) -> dict[str, t
     pixels = torch.from_numpy(np.array(resize_crop(image, (w, h))))  # (h, w, 3) uint8
     im = Image.fromarray(pixels.numpy())
     target, preview = pipe.cfg.grids(h, w)
-    x = pixels.permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    return {"ids": pipe.vq.encode(_vq_pixels(im, target, pipe.cfg.vq))[0].flatten().int(),
-            "preview": pipe.vq.encode(_vq_pixels(im, preview, pipe.cfg.vq))[0].flatten().int(),
-            "latents": pipe.vae.encode(x)[0].float(), "glyph": pipe.glyph.encode_one(item.caption).float(),
-            "size": torch.tensor([h, w]), "pixels": pixels}
+    out = {"ids": pipe.vq.encode(_vq_pixels(im, target, pipe.cfg.vq))[0].flatten().int(),
+           "preview": pipe.vq.encode(_vq_pixels(im, preview, pipe.cfg.vq))[0].flatten().int(),
+           "latents": pipe.vae.encode(_to_unit(pixels))[0].float(),
+           "glyph": pipe.glyph.encode_one(item.caption).float(), "size": torch.tensor([h, w]), "pixels": pixels}
+    if item.source is not None:  # image-to-image: the condition image as inference sees it (same bucket)
+        src = Image.fromarray(resize_crop(open_image(item.source), (w, h)))
+        src, src_ids = pipe.condition_tokens(src)
+        src_pixels = torch.from_numpy(np.array(src))
+        out.update(src_ids=src_ids.flatten().int(), src_grid=torch.tensor(src_ids.shape), src_pixels=src_pixels,
+                   src_latents=pipe.vae.encode(_to_unit(src_pixels))[0].float(),
+                   src_size=torch.tensor([src.height, src.width]))
+    return out
+
+
+def _to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1]."""
+    return pixels.permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
 
 
 def pretokenize(pipe, items: list[Item], cache: Path, area: int, fingerprint: str, d: parallel.Dist) -> list[Path]:
@@ -216,10 +233,20 @@ class Trainee(nn.Module):
         return sum(parts.values()), parts
 
     def ar_loss(self, rows: list[dict]) -> torch.Tensor:
+        """Text-to-image: caption -> preview grid, target grid. Image-to-image: condition ids + instruction -> the
+        target grid (no preview), as `ar.generate.layout_prompt` lays them out at inference."""
         h, w = rows[0]["size"].tolist()
         target, preview = self.mcfg.grids(h, w)
-        seqs = [(argen.layout_prompt(self.tok, "" if r["drop"] else r["caption"], target=target, preview=preview),
-                 torch.cat([r["preview"], r["ids"]]).long()) for r in rows]
+        seqs = []
+        for r in rows:
+            text = "" if r["drop"] else r["caption"]
+            if "src_ids" in r:
+                cond = [(r["src_ids"].long(), *r["src_grid"].tolist())]
+                seqs.append((argen.layout_prompt(self.tok, text, target=target, preview=None, cond=cond),
+                             r["ids"].long()))
+            else:
+                seqs.append((argen.layout_prompt(self.tok, text, target=target, preview=preview),
+                             torch.cat([r["preview"], r["ids"]]).long()))
         ids, pos, targets = make_batch(seqs, self.tok.pad_id)
         dev = self.ar.embed_tokens.weight.device
         logits = self.ar(ids.to(dev), pos.to(dev), None)
@@ -245,8 +272,15 @@ class Trainee(nn.Module):
         sigma = sigma_of(u, self.mcfg, seq_len)[:, None, None, None]
         xt = (1 - sigma) * x0 + sigma * noise
         size = torch.tensor([[h, w]] * b, dtype=torch.float32, device=dev)
+        cond_kv = use_cond = None
+        if "src_latents" in rows[0]:  # the condition image's K/V (dropped with the caption, as for guidance)
+            src = torch.stack([r["src_latents"] for r in rows]).to(dev)
+            sh, sw = rows[0]["src_grid"].tolist()
+            src_prior = upsample_ids(torch.stack([r["src_ids"] for r in rows]).long().view(b, sh, sw)).to(dev)
+            src_size = torch.stack([r["src_size"] for r in rows]).float().to(dev)
+            cond_kv, use_cond = self.dit.condition_kv_batched(src, src_prior, src_size), ~drop
         v = self.dit(xt, u * self.mcfg.schedule.num_train_timesteps - 1, prior_ids=prior, prior_drop=drop, glyph=gl,
-                     target_size=size, glyph_mask=gm)
+                     target_size=size, glyph_mask=gm, cond_kv=cond_kv, use_cond=use_cond)
         return (v.float() - (noise - x0)).pow(2).mean()
 
 
@@ -472,8 +506,9 @@ def _export(cfg, trainee, named, ema, parts, alpha, out: Path, d: parallel.Dist)
 
 
 class Samples:
-    """A grid written next to the run: the data's images | the base model | the fine-tuned model, same prompts and
-    seeds. The base row is drawn once (before the first step) and kept in <out>/samples/."""
+    """A grid written next to the run: (edit pairs: the sources |) the data's images | the base model | the
+    fine-tuned model, same prompts and seeds. The base row is drawn once (before the first step) and kept in
+    <out>/samples/."""
 
     def __init__(self, pipe, data: Cached, cfg: FinetuneConfig, out: Path, d: parallel.Dist, mode: str) -> None:
         self.pipe, self.cfg, self.dir, self.d = pipe, cfg, out / "samples", d
@@ -486,12 +521,17 @@ class Samples:
                 self.picks.append(i)
         self.data = data
 
+    def _source(self, i: int) -> Image.Image | None:
+        row = self.data.load(i)
+        return Image.fromarray(row["src_pixels"].numpy()) if "src_pixels" in row else None
+
     def _draw(self) -> list[Image.Image]:
         ims = []
         for j, i in enumerate(self.picks):
             w, h = self.data.sizes[i]
-            r = self.pipe(self.data.captions[i], height=h, width=w, seed=j, progress=False,
-                          num_inference_steps=self.cfg.sample_steps or None)
+            src = self._source(i)
+            r = self.pipe(self.data.captions[i], images=[src] if src is not None else None, height=h, width=w,
+                          seed=j, progress=False, num_inference_steps=self.cfg.sample_steps or None)
             ims.append(r.images[0])
         self.pipe.ar.clear_caches()  # training runs the AR without its KV cache
         return ims
@@ -513,7 +553,8 @@ class Samples:
                 real = [Image.fromarray(self.data.load(i)["pixels"].numpy()) for i in self.picks]
                 base = [Image.open(self.dir / f"base_{j}.png") if (self.dir / f"base_{j}.png").is_file() else
                         Image.new("RGB", im.size, "white") for j, im in enumerate(ims)]
-                sheet = grid([real, base, ims])
+                sources = [self._source(i) for i in self.picks]
+                sheet = grid(([sources] if sources[0] is not None else []) + [real, base, ims])
                 sheet.save(self.dir / f"step_{step:06d}.png")
                 sheet.save(self.dir.parent / "samples.png")
         parallel.barrier(self.d)

@@ -26,6 +26,7 @@ class Item:
     image: Path  # the image file, or the .tar shard that holds it
     caption: str
     member: str | None = None  # the image's name inside the shard
+    source: Path | None = None  # image-to-image: the condition image the caption (an instruction) edits
 
 
 def scan_folder(root: str | Path) -> list[Item]:
@@ -52,7 +53,8 @@ def scan_folder(root: str | Path) -> list[Item]:
 
 
 def read_manifest(path: str | Path) -> list[Item]:
-    """JSONL, one {"image": path, "caption": text} per line; relative paths are relative to the manifest."""
+    """JSONL, one {"image": path, "caption": text} per line, or for image-to-image {"image": edited, "source":
+    original, "caption": instruction} (every line, or none); relative paths are relative to the manifest."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest not found: {path}")
@@ -71,9 +73,19 @@ def read_manifest(path: str | Path) -> list[Item]:
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
             raise ValueError(f"{path}:{n}: image not found: {image}")
-        items.append(Item(image, row["caption"].strip()))
+        source = row.get("source")
+        if source is not None:
+            if not isinstance(source, str):
+                raise ValueError(f"{path}:{n}: \"source\" must be one image path (one condition image per edit)")
+            source = Path(source) if Path(source).is_absolute() else path.parent / source
+            if not source.is_file():
+                raise ValueError(f"{path}:{n}: source image not found: {source}")
+        items.append(Item(image, row["caption"].strip(), source=source))
     if not items:
         raise ValueError(f"{path}: no entries")
+    if len({it.source is None for it in items}) > 1:
+        raise ValueError(f"{path}: some lines have a \"source\" and some do not; keep text-to-image and edit pairs "
+                         "in separate manifests")
     return items
 
 
