@@ -374,8 +374,11 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(data, base, tmp_pat
     assert {f.name: f.read_bytes() for f in (out / "ckpt").iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".ckpt")]  # no half-written folder left
     monkeypatch.undo()
-    finetune.main(run_cfg(out, data, base, steps=4, n_samples=0))  # and it resumes from it
+    # killed between the swap's two renames: only .ckpt.old is left; the next run puts it back and resumes from it
+    (out / "ckpt").rename(out / ".ckpt.old")
+    finetune.main(run_cfg(out, data, base, steps=4, n_samples=0))
     assert json.loads((out / "ckpt" / "state.json").read_text())["step"] == 4
+    assert [r["step"] for r in losses(out)] == [0, 1, 2, 3]  # steps 0-1 kept from the first run, 2-3 resumed
 
 
 # ---------------------------------------------------------------------------------------------------------------

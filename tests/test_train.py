@@ -153,6 +153,17 @@ def test_two_processes_train_like_one(run_dir, tmp_path, stage):
     assert json.loads((tmp_path / "two" / stage / "ckpt" / "state.json").read_text())["step"] == 4
 
 
+def test_assemble_live_takes_the_checkpoints(run_dir, tmp_path):
+    """`train assemble --live` builds the model from each stage's newest checkpoint (EMA for the DiT): at the end of
+    a run that is the same model as the one assembled from the final files."""
+    assert cli(["train", "assemble", "--out", str(run_dir), "--live", "--ship", str(tmp_path / "snap")]) == 0
+    snap, final = glmimage.load(tmp_path / "snap", device="cpu"), glmimage.load(run_dir / "model", device="cpu")
+    for comp in ("ar", "vq", "dit"):
+        a, b = getattr(snap, comp).state_dict(), getattr(final, comp).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), comp
+    assert cli(["train", "assemble", "--out", str(tmp_path / "empty")]) == 2
+
+
 def test_cli_train_rejects_bad_options(tmp_path, capsys):
     assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown option" in capsys.readouterr().err

@@ -142,6 +142,13 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def recover_folder(final: Path) -> None:
+    """Finish a swap `atomic_folder` was killed in the middle of: between its two renames only .NAME.old exists."""
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path):
     """Yield a temp folder beside `final`; on success swap it in with renames (the old copy survives a crash),

@@ -122,6 +122,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.threads:
         overrides["threads"] = args.threads
     recipe = "quick" if args.quick else "world"
+    if args.stage == "assemble":
+        from glmimage.train.assemble import assemble
+
+        print(f"wrote {assemble(args.out, dest=args.ship, live=args.live)}")
+        return
     if args.stage == "all":
         path = train.run("all", recipe, **overrides)
     else:
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a stage of the world model (or all of them)",
                        description="Train one stage (data, vae, tokenizer, ar, dit) or all of them in order; every "
                        "stage resumes from <out>/<stage>/ckpt when it is there.")
-    t.add_argument("stage", choices=["data", "vae", "tokenizer", "ar", "dit", "all"])
+    t.add_argument("stage", choices=["data", "vae", "tokenizer", "ar", "dit", "all", "assemble"],
+                   help="a stage, all of them, or assemble (put the stage outputs together into a model folder)")
     t.add_argument("--preset", default="world", choices=["world"], help="model geometry and recipe")
     t.add_argument("--quick", action="store_true", help="a few steps per stage on a tiny dataset (smoke test)")
     t.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field of the stage config, e.g. --set lr=3e-4 --set batch_size=32")
     t.add_argument("--ship", default=None, metavar="DIR", help="after `all`: also write the fp16 model folder here")
+    t.add_argument("--live", action="store_true", help="assemble: take each stage's newest checkpoint (EMA) instead "
+                   "of its final weights (a snapshot of a run in progress)")
     ev = sub.add_parser("eval", help="judge a model on the world's held-out prompts and edits",
                         description="Generate held-out world prompts and edit pairs and score them with the OCR and "
                         "OpenCV judges; prints a table and writes <out>/world_eval.json.")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from glmimage import lora, parallel
 from glmimage.ar import generate as argen
-from glmimage.checkpoint import atomic_folder
+from glmimage.checkpoint import atomic_folder, recover_folder
 from glmimage.data.folder import Item, buckets, BucketBatches, load_items, nearest_bucket, open_image, resize_crop
 from glmimage.pipeline import upsample_ids
 from glmimage.train import common as C
@@ -337,6 +337,7 @@ def load_ckpt(out: Path, model: nn.Module, named: dict[str, nn.Parameter], opt, 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     ck = out / "ckpt"
+    recover_folder(ck)
     if not (ck / "state.json").is_file():
         return 0
     state = json.loads((ck / "state.json").read_text())

@@ -17,20 +17,38 @@ from glmimage.tokenizer.text import TextTokenizer
 from glmimage.train import data as D
 
 
+# component -> (stage, final weights file, prefix of the same weights in the stage checkpoint (the EMA where kept))
+SOURCES = {"ar": ("ar", "ar.safetensors", "ar."), "vq": ("tokenizer", "vq.safetensors", "vq."),
+           "dit": ("dit", "dit.safetensors", "ema_dit."), "glyph": ("dit", "glyph.safetensors", "ema_glyph."),
+           "vae": ("vae", "vae.safetensors", "vae.")}
+
+
+def _from_checkpoint(stage_dir: Path, prefix: str) -> dict[str, torch.Tensor] | None:
+    ck = stage_dir / "ckpt" / "model.safetensors"
+    if not ck.is_file():
+        return None
+    weights = load_file(str(ck))
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)} or None
+
+
 def assemble(out: str | Path, *, preset_name: str = "world", dtype: str = "float16",
-             dest: str | Path | None = None) -> Path:
-    """<out>/{ar,tokenizer,dit,vae} -> <dest or out/model>, weights stored in `dtype`."""
+             dest: str | Path | None = None, live: bool = False) -> Path:
+    """<out>/{ar,tokenizer,dit,vae} -> <dest or out/model>, weights stored in `dtype`. live=True takes each stage's
+    newest checkpoint (the EMA where the stage keeps one) instead of its final file: a snapshot of a run in
+    progress, without stopping it."""
     out = Path(out)
-    files = {"ar": out / "ar" / "ar.safetensors", "vq": out / "tokenizer" / "vq.safetensors",
-             "dit": out / "dit" / "dit.safetensors", "glyph": out / "dit" / "glyph.safetensors",
-             "vae": out / "vae" / "vae.safetensors"}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise ValueError(f"run {out} is not finished; missing stage outputs: {missing}")
+    state = {}
+    for comp, (stage, name, prefix) in SOURCES.items():
+        sd = _from_checkpoint(out / stage, prefix) if live else None
+        if sd is None and (out / stage / name).is_file():
+            sd = load_file(str(out / stage / name))
+        if sd is None:
+            raise ValueError(f"run {out} has no weights for {comp} yet (no {out / stage / name}"
+                             f"{' and no checkpoint' if live else ''})")
+        state[comp] = sd
     base = preset(preset_name).to_dict()
     base["vae"] = json.loads((out / "vae" / "vae.json").read_text())  # with the measured latents mean / std
     cfg = ModelConfig.from_dict(base)
-    state = {k: load_file(str(p)) for k, p in files.items()}
     checkpoint._tie_t5(state["glyph"])
     seen = seen_codes(out)
     for comp, key in (("ar", "embed_tokens.weight"), ("ar", "lm_head.weight"), ("dit", "prior_embedding.weight")):

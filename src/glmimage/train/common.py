@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from glmimage.checkpoint import atomic_folder
+from glmimage.checkpoint import atomic_folder, recover_folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +125,7 @@ def _jsonable(x):
 def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer | None) -> dict | None:
     """Restore what save_checkpoint wrote; returns the state dict (step, extra) or None when there is none."""
     ck = stage_dir / "ckpt"
+    recover_folder(ck)
     if not (ck / "state.json").is_file():
         return None
     state = json.loads((ck / "state.json").read_text())
