@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from glmimage import lora, parallel
 from glmimage.ar import generate as argen
 from glmimage.checkpoint import atomic_folder, recover_folder
 from glmimage.data.folder import Item, buckets, BucketBatches, load_items, nearest_bucket, open_image, resize_crop
-from glmimage.pipeline import upsample_ids
+from glmimage.pipeline import peak_memory, upsample_ids
 from glmimage.train import common as C
 from glmimage.train.ar import make_batch
 from glmimage.train.dit import sigma_of
@@ -82,6 +83,8 @@ class FinetuneConfig(C.StageConfig):
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.steps < 1 or self.grad_accum < 1 or self.rank < 1 or not 0 <= self.ema < 1:
             raise ValueError("steps, grad_accum and rank must be >= 1 and ema in [0, 1)")
+        if self.resolution < 0 or not 0 <= self.caption_dropout <= 1 or self.lr <= 0:
+            raise ValueError("resolution must be >= 0 (0: the model's size), caption_dropout in [0, 1], lr > 0")
         if self.batch_size % (world * self.grad_accum):
             raise ValueError(f"batch size {self.batch_size} must be a multiple of processes × grad_accum "
                              f"({world} × {self.grad_accum})")
@@ -92,7 +95,11 @@ class FinetuneConfig(C.StageConfig):
 # ---------------------------------------------------------------------------------------------------------------
 def model_fingerprint(model: str) -> str:
     """What identifies the base model's encoders: a preset's name, or a folder's config and weight file stats."""
+    from glmimage.checkpoint import EMBEDDED
+
     p = Path(model)
+    if not p.is_dir() and model == "world":
+        p = EMBEDDED
     if not p.is_dir():
         return model
     h = hashlib.sha1()
@@ -418,7 +425,9 @@ def main(cfg: FinetuneConfig) -> Path:
     per_rank = cfg.batch_size // d.world
     micro = per_rank // cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not d.main)
+    train_time = 0.0
     for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
         batch = batch_at(step)
         mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
         for group in opt.param_groups:
@@ -440,6 +449,7 @@ def main(cfg: FinetuneConfig) -> Path:
                 decay = cfg.ema if step >= cfg.warmup else 0.0
                 for k2, p in named.items():
                     ema[k2].lerp_(p.detach(), 1 - decay)
+        train_time += time.perf_counter() - t0
         bar.update(1)
         losses = {f"loss_{n}": parallel.mean(d, torch.tensor(v)).item() for n, v in totals.items()}
         if d.main and (step % cfg.log_every == 0 or step == cfg.steps - 1):
@@ -457,7 +467,12 @@ def main(cfg: FinetuneConfig) -> Path:
     result = _export(cfg, trainee, named, ema, parts, alpha, out, d)
     if d.main:
         log.close()
-        print(f"wrote {result}", flush=True)
+        summary = {"trained_parameters": sum(p.numel() for p in named.values()), "processes": d.world,
+                   "steps_run": cfg.steps - start, "seconds_per_step": train_time / max(1, cfg.steps - start),
+                   "peak_memory_mib": peak_memory([d.device])}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"wrote {result}  ({summary['seconds_per_step']:.2f} s/step, peak memory "
+              f"{', '.join(f'{k} {v:.0f} MiB' for k, v in summary['peak_memory_mib'].items())})", flush=True)
     parallel.shutdown(d)
     return result
 

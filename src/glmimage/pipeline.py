@@ -98,6 +98,13 @@ def peak_host_memory_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def peak_memory(devices) -> dict[str, float]:
+    """Peak memory in MiB: allocated on each CUDA device among `devices`, and the host's resident high-water mark."""
+    out = {str(d): torch.cuda.max_memory_allocated(d) / 2**20 for d in set(devices) if d.type == "cuda"}
+    out["cpu"] = peak_host_memory_mib()
+    return out
+
+
 def load_image(image: Image.Image | str | Path) -> Image.Image:
     """A PIL image or a path to one -> RGB image; unreadable input raises ValueError."""
     if isinstance(image, Image.Image):
@@ -215,12 +222,7 @@ class Pipeline:
                 torch.cuda.synchronize(dev)
 
     def _peak_memory(self) -> dict[str, float]:
-        out = {}
-        for dev in set(self.stage_device.values()):
-            if dev.type == "cuda":
-                out[str(dev)] = torch.cuda.max_memory_allocated(dev) / 2**20
-        out["cpu"] = peak_host_memory_mib()
-        return out
+        return peak_memory(self.stage_device.values())
 
     # ---------------------------------------------------------------------------------------------------------
     def validate(self, prompts: list[str], height: int, width: int, steps: int,
