@@ -276,6 +276,9 @@ def test_lora_finetune_writes_adapter_samples_and_logs(lora_run):
     sheet = np.asarray(Image.open(out / "samples.png").convert("L"), dtype=np.float32)
     assert sheet.std() > 10  # images, not a blank sheet
     assert len(list((out.parent / "cache").glob("*.safetensors"))) == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds_per_step"] > 0 and summary["peak_memory_mib"]["cpu"] > 100
+    assert summary["trained_parameters"] == sum(v.numel() for sd in tensors.values() for v in sd.values())
 
 
 def test_generate_and_merge_with_the_adapter(lora_run, base, tmp_path, capsys):
