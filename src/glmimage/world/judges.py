@@ -111,6 +111,8 @@ def shape_template(name: str, w: int, h: int, blur: float) -> np.ndarray:
     if blur > 0:
         canvas = cv2.GaussianBlur(canvas, (0, 0), blur * ss)
     ys, xs = np.nonzero(canvas > 0.5)
+    if ys.size == 0:  # a sliver (1-2 px across) that the blur wipes out entirely: nothing to match
+        return np.zeros((h, w), dtype=bool)
     crop = canvas[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     return cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA) > 0.5
 
