@@ -154,6 +154,48 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert glmimage.load(tmp_path / "m", device="cpu").cfg == pipe.cfg
 
 
+def test_visual_tokenizer_is_read_only_when_an_image_needs_it(pipe, tmp_path, ref_dir):
+    """Loaded folders defer the ViT: text-to-image never builds it; an edit builds it once, with the saved weights,
+    on the AR stage's device (or parked in CPU memory when offloading)."""
+    glmimage.save(pipe, tmp_path / "m")
+    for folder in (tmp_path / "m", ref_dir[0]):
+        lazy = glmimage.load(folder, device="cpu")
+        assert lazy._vq is None and "vq" not in lazy.modules()
+        lazy("a 'HI' sign", num_inference_steps=2, progress=False)
+        assert lazy._vq is None  # text-to-image did not read it
+        src = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+        lazy("make it red", images=[src], num_inference_steps=2, progress=False)
+        assert lazy._vq is not None and "vq" in lazy.modules()
+        ref = glmimage.load(folder, device="cpu")
+        eager = ref.vq_factory()
+        for k, v in eager.state_dict().items():
+            assert torch.equal(v, lazy.vq.state_dict()[k]), k
+    again = glmimage.load(tmp_path / "m", device="cpu")
+    for k, v in pipe.vq.state_dict().items():  # saving a lazy pipeline writes the ViT it never used
+        assert torch.equal(v, again.vq.state_dict()[k])
+    glmimage.save(glmimage.load(tmp_path / "m", device="cpu"), tmp_path / "m2")
+    assert torch.equal(glmimage.load(tmp_path / "m2", device="cpu").vq.codebook.weight, pipe.vq.codebook.weight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_weights_are_cast_as_they_are_read(pipe, tmp_path, ref_dir, dtype):
+    """Loading in a half dtype casts each tensor when it is read (no fp32 copy of the model in memory) and gives
+    exactly the fp32 weights converted; the glyph encoder stays fp32, the VAE follows component_dtype."""
+    from glmimage.checkpoint import component_dtype
+
+    glmimage.save(pipe, tmp_path / "m")
+    dt = getattr(torch, dtype)
+    for folder in (tmp_path / "m", ref_dir[0]):
+        half, full = glmimage.load(folder, device="cpu", dtype=dtype), glmimage.load(folder, device="cpu")
+        for name in ("ar", "vq", "dit", "glyph", "vae"):
+            a, b = half.modules().get(name) or getattr(half, name), getattr(full, name)
+            want = component_dtype(name, dt)
+            for k, v in b.state_dict().items():
+                got = a.state_dict()[k]
+                assert got.dtype == (want if v.is_floating_point() else v.dtype), (name, k)
+                assert torch.equal(got, v.to(got.dtype)), (name, k)
+
+
 def test_timings_and_shapes(pipe):
     r = pipe(["a", "b"], height=96, width=64, num_inference_steps=2, progress=False)
     assert [im.size for im in r.images] == [(64, 96)] * 2

@@ -4,6 +4,7 @@ layout (GlmImagePipeline folders, sharded safetensors), and export back to it. N
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -100,8 +101,10 @@ def map_key(key: str, component: str, *, to_official: bool = False) -> str | Non
 # ---------------------------------------------------------------------------------------------------------------
 # Safe tensor I/O
 # ---------------------------------------------------------------------------------------------------------------
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Read every tensor of the given files; missing, truncated or pickle files raise ValueError."""
+def read_safetensors(files: list[Path], keep=None, cast=None) -> dict[str, torch.Tensor]:
+    """Read every tensor of the given files (those whose name passes `keep`, when given), each passed through
+    `cast(name, tensor)` as soon as it is read (a bf16 model never holds its fp32 copy); missing, truncated or
+    pickle files raise ValueError."""
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix in PICKLE_SUFFIXES:
@@ -111,7 +114,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             raise ValueError(f"weight file not found: {f}")
         try:
             with safe_open(str(f), framework="pt") as st:
-                keys = list(st.keys())
+                keys = [k for k in st.keys() if keep is None or keep(k)]
             while keys:
                 # Reopened every 256 MiB: the file's pages mapped so far are released, so the peak resident memory
                 # is the weights plus 256 MiB, not twice the weights.
@@ -119,8 +122,10 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
                     read = 0
                     while keys and read < 256 * 2**20:
                         k = keys.pop(0)
-                        out[k] = st.get_tensor(k).clone()  # fresh, aligned storage: same kernels as a trained model
-                        read += out[k].nbytes
+                        t = st.get_tensor(k)
+                        read += t.nbytes
+                        c = cast(k, t) if cast is not None else t
+                        out[k] = t.clone() if c is t else c  # fresh, aligned storage: same kernels as a trained model
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"cannot read weight file {f} (truncated or not safetensors?): {e}") from None
     return out
@@ -173,9 +178,27 @@ def atomic_folder(final: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------------
+def component_dtype(component: str, dtype: torch.dtype) -> torch.dtype:
+    """What each component computes in: the AR, ViT and DiT in the pipeline's dtype; the glyph encoder in fp32
+    (small; T5 overflows in fp16); the VAE in bf16 for a bf16 pipeline (fp32's range, half the decode time), else
+    fp32 (its decoder overflows to NaN in fp16)."""
+    if component in ("ar", "vq", "dit"):
+        return dtype
+    return torch.bfloat16 if component == "vae" and dtype == torch.bfloat16 else torch.float32
+
+
+def caster(dtype: torch.dtype, component_of):
+    """cast(name, tensor) for read_safetensors: floating tensors to their component's dtype as they are read."""
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(component_dtype(component_of(name), dtype)) if t.is_floating_point() else t
+    return cast
+
+
 def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", dtype: str = "float32",
           state: dict[str, dict[str, torch.Tensor]] | None = None, seed: int = 0) -> Pipeline:
-    """Build a pipeline from a config; `state` (per component) loads weights, else random init from `seed`."""
+    """Build a pipeline from a config; `state` (per component) loads weights, else random init from `seed`.
+    state["vq"] may be a function returning the visual tokenizer's tensors: the ViT is then built the first time
+    something needs it (an image to read), never for text-to-image."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if len(tokenizer) > cfg.ar.vocab_size:
         raise ValueError(f"text tokenizer has {len(tokenizer)} ids but the AR embedding only {cfg.ar.vocab_size}")
@@ -185,9 +208,11 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
         dit.initialize_weights()
     else:
         with torch.device("meta"):
-            ar, vq, dit = ARModel(cfg.ar), VisualTokenizer(cfg.vq), DiT(cfg.dit)
+            ar, dit = ARModel(cfg.ar), DiT(cfg.dit)
+            vq = None if callable(state["vq"]) else VisualTokenizer(cfg.vq)
         for name, mod in (("ar", ar), ("vq", vq), ("dit", dit)):
-            _load_into(mod, state[name], name)
+            if mod is not None:
+                _load_into(mod, state[name], name)
     if state is None:
         glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
     else:
@@ -195,13 +220,21 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
             glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
         _load_into(glyph.encoder, state["glyph"], "glyph")
         _load_into(vae.model, state["vae"], "vae")
-    for m in (ar, vq, dit):
-        m.to(dev, dt).eval()
-    glyph.to(dev, torch.float32).eval()  # small; T5 overflows in fp16
-    # the VAE decoder overflows to NaN in fp16: fp32 there; bf16 has fp32's range and halves the decode time
-    vae.to(dev, torch.bfloat16 if dt == torch.bfloat16 else torch.float32).eval()
+    for name, m in (("ar", ar), ("vq", vq), ("dit", dit), ("glyph", glyph), ("vae", vae)):
+        if m is not None:
+            m.to(dev, component_dtype(name, dt)).eval()
     vae.to(memory_format=torch.channels_last)  # the convolution kernels' preferred layout: 13 % faster decodes
-    return Pipeline(cfg, tokenizer=tokenizer, ar=ar, vq=vq, dit=dit, glyph=glyph, vae=vae, device=dev, dtype=dt)
+    pipe = Pipeline(cfg, tokenizer=tokenizer, ar=ar, vq=vq, dit=dit, glyph=glyph, vae=vae, device=dev, dtype=dt)
+    if vq is None:
+        pipe.vq_factory = functools.partial(_build_vq, cfg.vq, state["vq"])
+    return pipe
+
+
+def _build_vq(cfg: VQConfig, read) -> VisualTokenizer:
+    with torch.device("meta"):
+        vq = VisualTokenizer(cfg)
+    _load_into(vq, read(), "vq")
+    return vq.eval()
 
 
 def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
@@ -263,13 +296,16 @@ def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pip
     weights = path / "model.safetensors"
     if not weights.is_file() and pickles:
         raise ValueError(f"{pickles[0]}: pickle checkpoints are never loaded; expected {weights}")
-    flat = read_safetensors([weights])
-    state: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("ar", "vq", "dit", "glyph", "vae")}
+    cast = caster(resolve_dtype(dtype), lambda k: k.partition(".")[0])
+    flat = read_safetensors([weights], keep=lambda k: not k.startswith("vq."), cast=cast)  # ViT: when an image needs it
+    state: dict = {k: {} for k in ("ar", "dit", "glyph", "vae")}
     for k, v in flat.items():
         comp, _, rest = k.partition(".")
         if comp not in state:
             raise ValueError(f"{weights}: unexpected tensor {k}")
         state[comp][rest] = v
+    state["vq"] = lambda: {k[3:]: v for k, v in
+                           read_safetensors([weights], keep=lambda k: k.startswith("vq."), cast=cast).items()}
     _tie_t5(state["glyph"])
     return build(cfg, TextTokenizer.from_file(path / "tokenizer.json"), device=device, dtype=dtype, state=state)
 
@@ -347,23 +383,30 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
     if index.get("_class_name") != "GlmImagePipeline":
         raise ValueError(f"{root}: model_index.json describes {index.get('_class_name')!r}, not GlmImagePipeline")
     cfg = official_config(root)
-    vle = read_safetensors(_weight_files(root / "vision_language_encoder", "model"))
-    state: dict[str, dict[str, torch.Tensor]] = {"ar": {}, "vq": {}}
+    dt = resolve_dtype(dtype)
+    vle_files = _weight_files(root / "vision_language_encoder", "model")
+    is_vq = lambda k: not k.startswith(IGNORED_OFFICIAL) and map_key(k, "ar") is None and map_key(k, "vq") is not None
+
+    def read_vq() -> dict[str, torch.Tensor]:  # the ViT: read the first time an image needs it
+        out = {}
+        for k, v in read_safetensors(vle_files, keep=is_vq, cast=caster(dt, lambda k: "vq")).items():
+            ours = map_key(k, "vq")
+            out[ours] = v.flatten(1) if ours == "quant_proj.weight" else v  # 1×1 conv -> linear
+        return out
+
+    state: dict = {"ar": {}, "vq": read_vq}
     unknown = []
-    for k, v in vle.items():
+    for k, v in read_safetensors(vle_files, keep=lambda k: not is_vq(k), cast=caster(dt, lambda k: "ar")).items():
         if k.startswith(IGNORED_OFFICIAL):
             continue
-        for comp in ("ar", "vq"):
-            ours = map_key(k, comp)
-            if ours is not None:
-                if ours == "quant_proj.weight":
-                    v = v.flatten(1)  # 1×1 conv -> linear
-                state[comp][ours] = v
-                break
-        else:
+        ours = map_key(k, "ar")
+        if ours is None:
             unknown.append(k)
+        else:
+            state["ar"][ours] = v
     state["dit"] = {}
-    for k, v in read_safetensors(_weight_files(root / "transformer", "diffusion_pytorch_model")).items():
+    for k, v in read_safetensors(_weight_files(root / "transformer", "diffusion_pytorch_model"),
+                                 cast=caster(dt, lambda k: "dit")).items():
         ours = map_key(k, "dit")
         if ours is None:
             unknown.append(k)
@@ -371,9 +414,10 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
             state["dit"][ours] = v
     if unknown:
         raise ValueError(f"{root}: tensors with no counterpart in glmimage: {unknown[:5]}")
-    state["glyph"] = read_safetensors(_weight_files(root / "text_encoder", "model"))
+    state["glyph"] = read_safetensors(_weight_files(root / "text_encoder", "model"), cast=caster(dt, lambda k: "glyph"))
     _tie_t5(state["glyph"])
-    state["vae"] = read_safetensors(_weight_files(root / "vae", "diffusion_pytorch_model"))
+    state["vae"] = read_safetensors(_weight_files(root / "vae", "diffusion_pytorch_model"),
+                                    cast=caster(dt, lambda k: "vae"))
     tok = TextTokenizer.from_file(root / "processor" / "tokenizer.json")
     return build(cfg, tok, device=device, dtype=dtype, state=state)
 

@@ -129,15 +129,31 @@ class Pipeline:
     def __init__(self, cfg: ModelConfig, *, tokenizer: TextTokenizer, ar: ARModel, vq: VisualTokenizer, dit: DiT,
                  glyph: GlyphEncoder, vae: VAE, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.ar, self.vq, self.dit, self.glyph, self.vae = ar, vq, dit, glyph, vae
+        self.ar, self._vq, self.dit, self.glyph, self.vae = ar, vq, dit, glyph, vae
+        self.vq_factory = None  # set by the loaders: builds the ViT on first use (text-to-image never reads pixels)
+        self._active: set[str] = set()  # stages inside `_running`
         self.device, self.dtype = device, dtype
         self.stage_device = {"ar": device, "dit": device}
         self.offload = False  # park idle stages in CPU memory (place(offload=True))
         self.quantization = "none"
         self._decode = argen.decode_one_token  # the AR decode step; compile() swaps in a compiled one
 
+    @property
+    def vq(self) -> VisualTokenizer:
+        """The visual tokenizer (ViT + VQ), built on first use when the loader deferred it."""
+        if self._vq is None:
+            parked = self.offload and "ar" not in self._active  # offloaded stages wait in CPU memory
+            self._vq = self.vq_factory().to(torch.device("cpu") if parked else self.stage_device["ar"], self.dtype)
+        return self._vq
+
+    @vq.setter
+    def vq(self, module: VisualTokenizer) -> None:
+        self._vq = module
+
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"ar": self.ar, "vq": self.vq, "dit": self.dit, "glyph": self.glyph, "vae": self.vae}
+        """The components that exist now (a deferred visual tokenizer is not built by asking)."""
+        mods = {"ar": self.ar, "vq": self._vq, "dit": self.dit, "glyph": self.glyph, "vae": self.vae}
+        return {k: m for k, m in mods.items() if m is not None}
 
     # ---------------------------------------------------------------------------------------------------------
     # Engine options: placement, offload, weight-only int8, compiled decode
@@ -156,8 +172,10 @@ class Pipeline:
         return self
 
     def _move(self, stage: str, device: torch.device) -> None:
+        mods = self.modules()
         for name in STAGES[stage]:
-            self.modules()[name].to(device)
+            if name in mods:
+                mods[name].to(device)
 
     @contextlib.contextmanager
     def _running(self, stage: str):
@@ -165,9 +183,11 @@ class Pipeline:
         device = self.stage_device[stage]
         if self.offload:
             self._move(stage, device)
+        self._active.add(stage)
         try:
             yield device
         finally:
+            self._active.discard(stage)
             if self.offload:
                 self._move(stage, torch.device("cpu"))
                 if device.type == "cuda":
