@@ -153,6 +153,27 @@ def test_two_processes_train_like_one(run_dir, tmp_path, stage):
     assert json.loads((tmp_path / "two" / stage / "ckpt" / "state.json").read_text())["step"] == 4
 
 
+def test_dit_noise_shift_draws_noisier_steps(run_dir, tmp_path, monkeypatch):
+    """noise_shift > 1 moves the training times toward the noisy end (the DiT sees larger raw timesteps)."""
+    from glmimage.dit.model import DiT
+
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, tmp_path / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    seen = {}
+    forward = DiT.forward
+
+    def spy(self, x, t, **kw):
+        seen.setdefault(key, []).append(t.detach().clone())
+        return forward(self, x, t, **kw)
+
+    monkeypatch.setattr(DiT, "forward", spy)
+    for key, shift in (("plain", 1.0), ("shifted", 4.0)):
+        shutil.rmtree(tmp_path / "dit", ignore_errors=True)
+        train.run("dit", "quick", out=str(tmp_path), steps=3, edit_fraction=0.0, sample_every=100, noise_shift=shift)
+    plain, shifted = torch.cat(seen["plain"]), torch.cat(seen["shifted"])
+    assert shifted.shape == plain.shape and torch.all(shifted >= plain - 1e-3) and shifted.mean() > plain.mean() + 50
+
+
 def test_assemble_live_takes_the_checkpoints(run_dir, tmp_path):
     """`train assemble --live` builds the model from each stage's newest checkpoint (EMA for the DiT): at the end of
     a run that is the same model as the one assembled from the final files."""

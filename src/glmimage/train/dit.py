@@ -44,6 +44,9 @@ class DiTTrainConfig(C.StageConfig):
     fg_weight: float = 0.0  # extra loss weight on latents under shape / text ids (objects are a small share of pixels)
     fg_from_step: int = 0  # ... from this step on
     text_fraction: float = 0.0  # > 0: this share of the text-to-image rows is drawn from scenes with quoted text
+    # > 1: draw training times u toward the noisy end, u = s·r / (1 + (s − 1)·r) with r ~ U(0, 1) (where sampling
+    # lays out shapes and letters); the (timestep, σ) pairing the sampler uses is unchanged
+    noise_shift: float = 1.0
 
 
 def stage_dir(cfg) -> Path:
@@ -110,7 +113,10 @@ def main(cfg: DiTTrainConfig) -> Path:
             texts = [rng.choice(scenes["captions"][i]) for i in idx]
         drop = torch.rand(b, generator=g) < cfg.cond_dropout
         texts = ["" if dropped else t for t, dropped in zip(texts, drop.tolist())]
-        u = torch.rand(b, generator=g).clamp(1e-3, 1.0)
+        u = torch.rand(b, generator=g)
+        if cfg.noise_shift != 1.0:
+            u = cfg.noise_shift * u / (1 + (cfg.noise_shift - 1) * u)
+        u = u.clamp(1e-3, 1.0)
         noise = torch.randn((b, *lat.shape[1:]), generator=g)
         idx, texts, drop, u, noise = (C.my_rows(x, d) for x in (idx, texts, drop, u, noise))
         n = len(idx)
