@@ -43,6 +43,7 @@ from glmimage.data.folder import Item, buckets, BucketBatches, load_items, neare
 from glmimage.pipeline import peak_memory, upsample_ids
 from glmimage.train import common as C
 from glmimage.train.ar import make_batch
+from glmimage.tokenizer.vq import pixels_at
 from glmimage.train.dit import sigma_of
 
 TARGETS, METHODS = ("ar", "dit", "both"), ("lora", "full")
@@ -122,10 +123,7 @@ def item_key(item: Item, area: int, fingerprint: str) -> str:
 
 def _vq_pixels(image: Image.Image, grid: tuple[int, int], vq_cfg) -> torch.Tensor:
     """The image at the visual tokenizer's input size for a token grid (h, w), normalised like `preprocess`."""
-    p = vq_cfg.patch_size
-    x = np.asarray(image.resize((grid[1] * p, grid[0] * p), Image.BICUBIC), dtype=np.float32) / 255.0
-    x = (x - np.array(vq_cfg.image_mean, dtype=np.float32)) / np.array(vq_cfg.image_std, dtype=np.float32)
-    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+    return pixels_at(image, grid[0] * vq_cfg.patch_size, grid[1] * vq_cfg.patch_size, vq_cfg)
 
 
 @torch.no_grad()

@@ -136,7 +136,12 @@ def preprocess(image: Image.Image, cfg: VQConfig) -> torch.Tensor:
     """PIL image -> normalised pixels (1, 3, h, w) at the tokenizer's input size (bicubic, CLIP mean/std)."""
     image = image.convert("RGB")
     h, w = smart_resize(image.height, image.width, cfg)
-    x = np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    return pixels_at(image, h, w, cfg)
+
+
+def pixels_at(image: Image.Image, height: int, width: int, cfg: VQConfig) -> torch.Tensor:
+    """RGB image -> normalised pixels (1, 3, height, width): bicubic resize, CLIP mean/std."""
+    x = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.float32) / 255.0
     x = (x - np.array(cfg.image_mean, dtype=np.float32)) / np.array(cfg.image_std, dtype=np.float32)
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
 
