@@ -34,11 +34,9 @@ class GlyphEncoder(nn.Module):
     def dim(self) -> int:
         return self.encoder.config.d_model
 
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable encode (training): prompts -> glyph (B, L, dim) right-padded with zeros, mask (B, L).
-
-        Every quoted string of every prompt is encoded as its own sequence, all in one batched encoder call; a
-        prompt's embeddings are its strings' valid positions, concatenated (no quoted string: the empty string)."""
+    def _sequences(self, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Byte ids of every quoted string of every prompt (no quoted string: the empty string), and the index of
+        the prompt each came from."""
         pad = self.tokenizer.pad_token_id
         seqs, owner = [], []
         for b, prompt in enumerate(prompts):
@@ -48,6 +46,15 @@ class GlyphEncoder(nn.Module):
             # number of strings is even (the reference tests the list length, probably meaning the string length).
             seqs += [[pad] * ((len(ids) + 1) % 2) + x for x in ids]
             owner += [b] * len(ids)
+        return seqs, owner
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable encode (training): prompts -> glyph (B, L, dim) right-padded with zeros, mask (B, L).
+
+        Every quoted string of every prompt is encoded as its own sequence, all in one batched encoder call; a
+        prompt's embeddings are its strings' valid positions, concatenated (no quoted string: the empty string)."""
+        seqs, owner = self._sequences(prompts)
+        pad = self.tokenizer.pad_token_id
         n = max(len(x) for x in seqs)
         device = self.encoder.shared.weight.device
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in seqs], device=device)
@@ -63,6 +70,21 @@ class GlyphEncoder(nn.Module):
         for i, e in enumerate(embs):
             out[i, : e.shape[0]], valid[i, : e.shape[0]] = e, True
         return out, valid
+
+    def positions(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each glyph token of `forward(prompts)` sits in its own string: (B, L) index from the start and
+        (B, L) index from the end, -1 at padding."""
+        seqs, owner = self._sequences(prompts)
+        per_prompt = [([], []) for _ in prompts]
+        for x, b in zip(seqs, owner):
+            per_prompt[b][0].extend(range(len(x)))
+            per_prompt[b][1].extend(range(len(x) - 1, -1, -1))
+        length = max(len(f) for f, _ in per_prompt)
+        start = torch.full((len(prompts), length), -1, dtype=torch.long)
+        end = start.clone()
+        for i, (f, r) in enumerate(per_prompt):
+            start[i, : len(f)], end[i, : len(r)] = torch.tensor(f), torch.tensor(r)
+        return start, end
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
