@@ -167,11 +167,11 @@ def main(cfg: DiTTrainConfig) -> Path:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             loss_v = parallel.mean(d, loss).item()
+            pos_v = parallel.mean(d, aux_loss.detach()).item()  # every process joins the all-reduce
             bar.set_postfix(loss=f"{loss_v:.4f}")
             if d.main:
                 key = "loss_i2i" if is_edit else "loss_t2i"
-                log.scalars(step, **{key: loss_v}, glyph_pos=parallel.mean(d, aux_loss.detach()).item(),
-                            grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+                log.scalars(step, **{key: loss_v}, glyph_pos=pos_v, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
         done = step + 1
         if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             if vae is None:
