@@ -203,6 +203,33 @@ def test_timings_and_shapes(pipe):
     assert r.prior_ids.shape == (2, 3, 2)
 
 
+def test_given_prior_ids_are_painted_without_the_ar(pipe, monkeypatch):
+    """prior_ids (the reference's prior_token_ids): the AR is skipped, the DiT paints exactly that plan, which is
+    what the AR's own plan gives when passed back; a (th, tw) plan serves every prompt."""
+    r = pipe(["a red circle", "two blue squares"], num_inference_steps=2, seed=[1, 2], progress=False)
+    monkeypatch.setattr(argen, "generate", lambda *a, **k: pytest.fail("the AR ran although prior_ids were given"))
+    again = pipe(["a red circle", "two blue squares"], num_inference_steps=2, seed=[1, 2], prior_ids=r.prior_ids,
+                 progress=False)
+    assert torch.equal(again.prior_ids, r.prior_ids)
+    for x, y in zip(r.images, again.images):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    one = pipe(["a", "b"], num_inference_steps=2, prior_ids=r.prior_ids[1], progress=False)
+    assert torch.equal(one.prior_ids, r.prior_ids[1].expand(2, -1, -1))
+    other = pipe("a red circle", num_inference_steps=2, seed=1, prior_ids=(r.prior_ids[0] + 1) % 16, progress=False)
+    assert not np.array_equal(np.asarray(other.images[0]), np.asarray(r.images[0]))  # the plan is what is painted
+
+
+@pytest.mark.parametrize("ids,match", [
+    (torch.zeros(3, 2, 2, dtype=torch.long), r"shape \(1, 2, 2\) or \(2, 2\)"),
+    (torch.zeros(2, 2), "integer ids"),
+    (torch.full((2, 2), 10**6), r"lie in \[0, "),
+    (torch.full((2, 2), -1), r"lie in \[0, "),
+])
+def test_bad_prior_ids(pipe, ids, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("x", prior_ids=ids, num_inference_steps=1, progress=False)
+
+
 def test_image_to_image_runs_with_different_sizes(pipe, tmp_path):
     a = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype("uint8"))
     b = Image.fromarray((np.random.RandomState(1).rand(100, 70, 3) * 255).astype("uint8"))  # resized to the grid

@@ -12,6 +12,7 @@ from PIL import Image
 
 import glmimage
 from glmimage import train
+from glmimage.ar import generate as argen
 from glmimage.cli import main as cli
 from glmimage.train.data import (COLORS, GRADIENTS, N_BG, N_SHAPE, PARTS, SHAPES, Dataset, scene_graphs,
                                  token_codes)
@@ -209,6 +210,36 @@ def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "quoted-word accuracy" in table and "edit success" in table
     assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "0"]) == 2
+
+
+def test_eval_world_true_ids_paints_the_scene_graphs(run_dir, tmp_path, capsys, monkeypatch):
+    """--true-ids: every image is painted from its scene's token_codes (t2i) or its target scene's (edits), the AR
+    never runs; a model without the world's codes is refused."""
+    import glmimage.pipeline as P
+    from glmimage.train.data import token_codes
+
+    plans = []
+    call = P.Pipeline.__call__
+
+    def spy(self, prompt, *a, prior_ids=None, **kw):
+        plans.append(prior_ids)
+        return call(self, prompt, *a, prior_ids=prior_ids, **kw)
+
+    monkeypatch.setattr(P.Pipeline, "__call__", spy)
+    monkeypatch.setattr(argen, "generate", lambda *a, **k: pytest.fail("the AR ran under --true-ids"))
+    out = tmp_path / "eval"
+    assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "1", "--edits", "1", "--steps", "1",
+                "--true-ids", "--out", str(out)]) == 0
+    report = json.loads((out / "world_eval.json").read_text())
+    assert report["config"]["true_ids"] and "the DiT alone" in capsys.readouterr().out
+    from glmimage.eval.world import EvalConfig, heldout_edits, heldout_prompts
+
+    cfg = EvalConfig(n_per_kind=1, n_edits=1)
+    want = [token_codes(s, 4) for _, s in heldout_prompts(cfg)] + [token_codes(heldout_edits(cfg)[0].target, 4)]
+    got = [row.flatten().numpy() for p in plans for row in p]
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert cli(["eval", "world", "--model", "debug", "--n", "1", "--edits", "0", "--true-ids"]) == 2
+    assert "semantic codes" in capsys.readouterr().err
 
 
 def test_eval_judges_only_what_the_prompt_asks():

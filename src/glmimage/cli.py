@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--temperature", type=float, default=None)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--true-ids", action="store_true", help="judge the DiT alone: paint each scene's true semantic "
+                    "ids (from its scene graph) instead of the AR's; the gap to a plain run is what the AR loses")
     ev.add_argument("--out", default="runs/eval", help="folder for world_eval.json and the sample sheets")
     bn = sub.add_parser("bench", help="glmimage vs the reference GlmImagePipeline on the same random weights",
                         description="Time glmimage and the reference pipeline (transformers + diffusers) side by side "
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = glmimage.load(args.model, device="cpu")
             report = evaluate(pipe, EvalConfig(n_per_kind=args.n, n_edits=args.edits, seed=args.seed,
                                                steps=args.steps, guidance=args.guidance,
-                                               temperature=args.temperature, out=args.out))
+                                               temperature=args.temperature, true_ids=args.true_ids,
+                                               out=args.out))
             print(format_table(report))
             print(f"wrote {Path(args.out) / 'world_eval.json'}")
     except ValueError as err:

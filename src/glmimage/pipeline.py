@@ -262,6 +262,20 @@ class Pipeline:
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
 
+    def _check_prior_ids(self, ids, b: int, target: tuple[int, int]) -> torch.Tensor:
+        """A given target grid -> (B, th, tw) int64, or ValueError naming the shape and range the model needs."""
+        ids = torch.as_tensor(ids)
+        th, tw = target
+        if ids.dim() == 2:
+            ids = ids.expand(b, th, tw) if ids.shape == (th, tw) else ids
+        if ids.shape != (b, th, tw) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"prior_ids must be integer ids of shape ({b}, {th}, {tw}) or ({th}, {tw}) for this "
+                             f"size, got {tuple(ids.shape)} {ids.dtype}")
+        n = self.cfg.vq.codebook_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise ValueError(f"prior_ids must lie in [0, {n}) (the codebook), got {int(ids.min())} … {int(ids.max())}")
+        return ids.long()
+
     @torch.no_grad()
     def condition_tokens(self, image: Image.Image) -> tuple[Image.Image, torch.Tensor]:
         """Resize a condition image to what both the tokenizer and the VAE see; -> (image, VQ ids (h, w))."""
@@ -277,12 +291,15 @@ class Pipeline:
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | list[int] = 0, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, greedy: bool = False,
-                 negative_prompt: str | None = None, progress: bool = True) -> Result:
+                 negative_prompt: str | None = None, prior_ids: torch.Tensor | None = None,
+                 progress: bool = True) -> Result:
         """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt.
 
         seed: one seed for the batch (one generator drawn row after row, like diffusers), or one seed per prompt
         (each row then gives the image it would give alone: what a server batching requests needs).
-        negative_prompt: the unconditional branch's glyph text (its quoted strings), instead of none."""
+        negative_prompt: the unconditional branch's glyph text (its quoted strings), instead of none.
+        prior_ids: the target grid to paint, (B, th, tw) or (th, tw) for every prompt, instead of sampling it with
+        the AR (the reference pipeline's `prior_token_ids`): a plan edited by hand, or the true ids of a scene."""
         sc = self.cfg.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = sc.height if height is None else height
@@ -301,21 +318,26 @@ class Pipeline:
 
         # 1. AR: condition images -> VQ ids in the prompt; write the preview grid (text-to-image) then the target grid
         target, preview = self.cfg.grids(height, width)
+        if prior_ids is not None:
+            prior_ids = self._check_prior_ids(prior_ids, b, target)
         with self._running("ar") as dev:
             cond_tokens = [self.condition_tokens(im) for im in conds]
-            layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
-                                           cond=[(ids.flatten(), *ids.shape) for _, ids in cond_tokens])
-                       for p in prompts]
-            n_new = layouts[0].num_new
-            with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
-                tokens = self._generate_tokens(
-                    layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
-                    temperature=sc.temperature if temperature is None else temperature,
-                    top_p=sc.top_p if top_p is None else top_p, top_k=sc.top_k if top_k is None else top_k,
-                    greedy=greedy, generator=_generators(seed, dev), progress=bar)
-            th, tw = target
-            grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
             cond_ids = [ids for _, ids in cond_tokens]
+            if prior_ids is not None:  # the plan is given: the AR does not run
+                grid = prior_ids.to(dev)
+            else:
+                layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
+                                               cond=[(ids.flatten(), *ids.shape) for ids in cond_ids])
+                           for p in prompts]
+                n_new = layouts[0].num_new
+                with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
+                    tokens = self._generate_tokens(
+                        layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
+                        temperature=sc.temperature if temperature is None else temperature,
+                        top_p=sc.top_p if top_p is None else top_p, top_k=sc.top_k if top_k is None else top_k,
+                        greedy=greedy, generator=_generators(seed, dev), progress=bar)
+                th, tw = target
+                grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
             self._sync()
         t_ar = time.perf_counter()
 
