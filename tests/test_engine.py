@@ -108,6 +108,13 @@ def test_offload_and_placement_give_the_same_images(pipe):
     assert all(t.device.type == "cpu" for m in p.modules().values() for t in m.state_dict().values())
     with pytest.raises(ValueError, match="valid"):
         p.place(ar_device="tpu")
+    moved = []
+    p._move = lambda stage, device: moved.append((stage, device.type))  # what offload brings in and out
+    p("a red circle", **KW, prior_ids=out.prior_ids[0])  # the plan is given: the AR stage never moves
+    assert moved == [("dit", "cpu"), ("dit", "cpu")]
+    moved.clear()
+    p("a red circle", **KW)
+    assert moved == [("ar", "cpu")] * 2 + [("dit", "cpu")] * 2
 
 
 def test_peak_memory_is_reported(pipe):

@@ -44,6 +44,24 @@ def test_all_stages_write_their_outputs(run_dir):
         assert rows and all(np.isfinite(v) for r in rows for v in r.values()), f"{stage}: bad metrics"
 
 
+def test_loss_curves_draw_every_logged_key(tmp_path):
+    """A DiT step logs loss_t2i or loss_i2i and options add keys mid-run: every key gets its curve (the plot once
+    took its keys from the first row only, so the main loss of a resumed run went missing)."""
+    from glmimage.train.common import Log
+
+    log = Log(tmp_path, start_step=0)
+    for step in range(40):
+        log.scalars(step, **({"loss_t2i": 1.0 / (step + 1)} if step % 4 else {"loss_i2i": 0.5}),
+                    **({"glyph_pos": 0.1} if step >= 30 else {}), grad_norm=1.0, lr=1e-3)
+    curves = log.curves()
+    assert list(curves) == ["loss_i2i", "grad_norm", "loss_t2i", "glyph_pos"]
+    assert curves["loss_t2i"][0] == [s for s in range(40) if s % 4] and curves["glyph_pos"][0] == list(range(30, 40))
+    assert curves["loss_t2i"][1][0] == 0.5 and all(np.isfinite(curves["loss_i2i"][1]))
+    png = np.asarray(Image.open(log.plot("test")).convert("RGB"))
+    assert png.shape[1] >= 4 * 4 * 90 * 0.9  # one panel per key
+    log.close()
+
+
 def test_stage_outputs_are_consistent(run_dir):
     scenes = Dataset(run_dir / "data" / "scenes")
     n = len(scenes)

@@ -320,7 +320,10 @@ class Pipeline:
         target, preview = self.cfg.grids(height, width)
         if prior_ids is not None:
             prior_ids = self._check_prior_ids(prior_ids, b, target)
-        with self._running("ar") as dev:
+        # a given plan without condition images needs neither the AR nor the visual tokenizer: under offload they
+        # stay where they are instead of a round trip to the device
+        needs_ar = prior_ids is None or bool(conds)
+        with self._running("ar") if needs_ar else contextlib.nullcontext(self.stage_device["ar"]) as dev:
             cond_tokens = [self.condition_tokens(im) for im in conds]
             cond_ids = [ids for _, ids in cond_tokens]
             if prior_ids is not None:  # the plan is given: the AR does not run

@@ -178,17 +178,21 @@ class Log:
         for k, v in values.items():
             self.tb.add_scalar(k, float(v), step)
 
+    def curves(self) -> dict[str, tuple[list[int], list[float]]]:
+        """{key: (steps, values)} for every logged key but lr; rows log different keys (a DiT step is t2i or i2i,
+        options switch on mid-run), so each curve holds the rows that have its key."""
+        keys = dict.fromkeys(k for r in self.rows for k in r if k not in ("step", "lr"))
+        return {k: ([r["step"] for r in self.rows if k in r], [r[k] for r in self.rows if k in r]) for k in keys}
+
     def plot(self, title: str) -> Path:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in self.rows[0] if k not in ("step", "lr")] if self.rows else []
-        fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), squeeze=False)
-        steps = [r["step"] for r in self.rows]
-        for ax, k in zip(axes[0], keys):
-            ys = [r.get(k, float("nan")) for r in self.rows]
+        curves = self.curves()
+        fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(4 * max(1, len(curves)), 3), squeeze=False)
+        for ax, (k, (steps, ys)) in zip(axes[0], curves.items()):
             ax.plot(steps, ys, lw=0.8, alpha=0.5)
             if len(ys) >= 20:  # running mean over ~5 % of the points
                 w = max(2, len(ys) // 20)
