@@ -84,6 +84,21 @@ def test_compiled_decode_equals_eager(pipe):
     assert torch.equal(out.prior_ids, eager.prior_ids)
     again = fast(["a green star", "a yellow sign 'XY'"], seed=3, **KW)  # second call: no recompilation needed
     assert again.prior_ids.shape == eager.prior_ids.shape
+    # compile() keeps Dynamo's guards on tensors only: a new batch size, or int8 weights swapped in after compiling,
+    # must still recompile (a stale float graph would read the int8 codes as weights)
+    assert torch.equal(fast("a red circle", **KW).prior_ids, pipe("a red circle", **KW).prior_ids)
+    fast.quantize("int8")
+    lays = [argen.layout_prompt(fast.tokenizer, t, target=(2, 2), preview=(4, 4)) for t in ("a red circle", "AB")]
+    first = {}
+    for name, step in (("compiled", fast._decode), ("eager", argen.decode_one_token)):
+        def keep(*args, name=name, step=step):  # the first decode step's logits (same inputs for both)
+            logits = step(*args)
+            first.setdefault(name, logits.clone())
+            return logits
+        argen.generate(fast.ar, lays, codebook_size=fast.cfg.vq.codebook_size, pad_id=fast.tokenizer.pad_id,
+                       greedy=True, decode=keep)
+    assert 0 < rel_err(first["compiled"], first["eager"]) < 0.01  # int8 read by both (the kernels differ)
+    assert fast._decode is not argen.decode_one_token  # ... compiled all along, no fallback to eager
 
 
 def test_compile_failure_falls_back_to_eager_with_one_log_line(pipe, monkeypatch, caplog):

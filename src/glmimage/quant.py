@@ -24,8 +24,8 @@ def _single_row(x: torch.Tensor) -> bool:
 
 
 def _rowwise(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) holding one row, w (N, K) float or int8 -> x·Wᵀ (..., N), accumulated in float32."""
-    y = (w.float() * x.reshape(1, -1).float()).sum(-1)  # (N,)
+    """x (..., K) holding a few rows R, w (N, K) float or int8 -> x·Wᵀ (..., N), accumulated in float32."""
+    y = (w.float() * x.reshape(-1, 1, x.shape[-1]).float()).sum(-1)  # (R, N)
     if scale is not None:
         y = y * scale.float()
     return y.to(x.dtype).view(*x.shape[:-1], -1)
@@ -84,7 +84,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if _single_row(x):
+        if torch.compiler.is_compiling() and rows <= 16:
+            # decoding a batch: the fused multiply-reduce (inductor has no lowering for the int8 kernel's
+            # converted input; before this a compiled batched int8 decode fell back to eager)
             y = _rowwise(x, self.weight, self.scale)
         elif x.device.type == "cpu" and rows <= 16:
             # the int8 CPU kernel is fast for a few rows of 16-bit activations (and ~10× slower with float32)
