@@ -139,11 +139,16 @@ def preprocess(image: Image.Image, cfg: VQConfig) -> torch.Tensor:
     return pixels_at(image, h, w, cfg)
 
 
+def normalize(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) -> the ViT's input (B, 3, H, W) float32: /255, then CLIP mean/std."""
+    x = np.asarray(images, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
 def pixels_at(image: Image.Image, height: int, width: int, cfg: VQConfig) -> torch.Tensor:
     """RGB image -> normalised pixels (1, 3, height, width): bicubic resize, CLIP mean/std."""
-    x = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.float32) / 255.0
-    x = (x - np.array(cfg.image_mean, dtype=np.float32)) / np.array(cfg.image_std, dtype=np.float32)
-    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+    return normalize(np.asarray(image.resize((width, height), Image.BICUBIC))[None], cfg.image_mean, cfg.image_std)
 
 
 VQ_PRESETS: dict[str, dict] = {

@@ -227,15 +227,6 @@ def to_float(images: np.ndarray) -> "torch.Tensor":
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def normalize_for_vq(images: np.ndarray, mean, std) -> "torch.Tensor":
-    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as `tokenizer.vq.preprocess`."""
-    import torch
-
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div(255.0)
-    x = (x - torch.tensor(mean)) / torch.tensor(std)
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Stage `data`
 # ---------------------------------------------------------------------------------------------------------------

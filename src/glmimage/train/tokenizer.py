@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from glmimage.config import preset
-from glmimage.tokenizer.vq import VisualTokenizer
+from glmimage.tokenizer.vq import VisualTokenizer, normalize
 from glmimage.train import common as C
 from glmimage.train import data as D
 from glmimage.world.colors import PALETTE
@@ -144,7 +144,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         idx = np.sort(torch.randint(0, n - n_val, (cfg.batch_size,), generator=g).numpy())
-        x = D.normalize_for_vq(images[idx], mean, std)
+        x = normalize(images[idx], mean, std)
         target = ids[idx]
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
@@ -195,7 +195,7 @@ def read_ids(vq: VisualTokenizer, images: np.ndarray, mean, std, batch: int = 50
     """uint8 images -> the ids the ViT reads (N, h*w) int64, exactly as the pipeline tokenizes."""
     was = vq.training
     vq.eval()
-    out = [vq.encode(D.normalize_for_vq(images[i:i + batch], mean, std)).flatten(1).numpy()
+    out = [vq.encode(normalize(images[i:i + batch], mean, std)).flatten(1).numpy()
            for i in range(0, len(images), batch)]
     vq.train(was)
     return np.concatenate(out)
