@@ -116,11 +116,11 @@ def read_safetensors(files: list[Path], keep=None, cast=None) -> dict[str, torch
             with safe_open(str(f), framework="pt") as st:
                 keys = [k for k in st.keys() if keep is None or keep(k)]
             while keys:
-                # Reopened every 256 MiB: the file's pages mapped so far are released, so the peak resident memory
-                # is the weights plus 256 MiB, not twice the weights.
+                # Reopened every 64 MiB: the file's pages mapped so far are released, so the peak resident memory
+                # is the weights plus 64 MiB, not twice the weights (256 MiB windows: +75 MiB of peak at `small`).
                 with safe_open(str(f), framework="pt") as st:
                     read = 0
-                    while keys and read < 256 * 2**20:
+                    while keys and read < 64 * 2**20:
                         k = keys.pop(0)
                         t = st.get_tensor(k)
                         read += t.nbytes
@@ -198,7 +198,9 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
           state: dict[str, dict[str, torch.Tensor]] | None = None, seed: int = 0) -> Pipeline:
     """Build a pipeline from a config; `state` (per component) loads weights, else random init from `seed`.
     state["vq"] may be a function returning the visual tokenizer's tensors: the ViT is then built the first time
-    something needs it (an image to read), never for text-to-image."""
+    something needs it (an image to read), never for text-to-image. build() empties state's dicts as it loads them:
+    the tensors become the modules' own, and a later conversion (channels-last VAE, dtype) frees the old copy at
+    once instead of holding two (fp32 peak at `small` 1917 -> 1616 MiB)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if len(tokenizer) > cfg.ar.vocab_size:
         raise ValueError(f"text tokenizer has {len(tokenizer)} ids but the AR embedding only {cfg.ar.vocab_size}")
@@ -213,6 +215,7 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
         for name, mod in (("ar", ar), ("vq", vq), ("dit", dit)):
             if mod is not None:
                 _load_into(mod, state[name], name)
+                state[name].clear()
     if state is None:
         glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
     else:
@@ -220,6 +223,7 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
             glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
         _load_into(glyph.encoder, state["glyph"], "glyph")
         _load_into(vae.model, state["vae"], "vae")
+        state["glyph"].clear(), state["vae"].clear()
     for name, m in (("ar", ar), ("vq", vq), ("dit", dit), ("glyph", glyph), ("vae", vae)):
         if m is not None:
             m.to(dev, component_dtype(name, dt)).eval()
@@ -299,11 +303,11 @@ def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pip
     cast = caster(resolve_dtype(dtype), lambda k: k.partition(".")[0])
     flat = read_safetensors([weights], keep=lambda k: not k.startswith("vq."), cast=cast)  # ViT: when an image needs it
     state: dict = {k: {} for k in ("ar", "dit", "glyph", "vae")}
-    for k, v in flat.items():
+    for k in list(flat):
         comp, _, rest = k.partition(".")
         if comp not in state:
             raise ValueError(f"{weights}: unexpected tensor {k}")
-        state[comp][rest] = v
+        state[comp][rest] = flat.pop(k)  # one reference: build() hands each tensor to its module
     state["vq"] = lambda: {k[3:]: v for k, v in
                            read_safetensors([weights], keep=lambda k: k.startswith("vq."), cast=cast).items()}
     _tie_t5(state["glyph"])
