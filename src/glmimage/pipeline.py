@@ -203,8 +203,8 @@ class Pipeline:
             quantize_int8(self.dit)
             self.quantization = "int8"
             self._set_ar_dtype()
-            if self._decode is not argen.decode_one_token:  # compiled for the float layers: compile anew
-                torch.compiler.reset()
+            if self._decode is not argen.decode_one_token:  # compiled for the float layers: compile anew (the
+                torch.compiler.reset()  # reset drops every compiled graph of the process; they recompile on use)
                 self.compile()
         return self
 
