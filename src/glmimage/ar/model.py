@@ -96,14 +96,14 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     b, h, _, d = q.shape
     g = h // k.shape[1]
     q = q.view(b, k.shape[1], g, d)  # query heads grouped by the kv head they share: (B, Hkv, G, D)
-    if torch.compiler.is_compiling():  # multiply-reduce: fused into the step's kernels, no batched-GEMM calls
+    fused = torch.compiler.is_compiling()  # multiply-reduces: fused into the step's kernels, no batched GEMMs
+    if fused:
         scores = (q.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * d**-0.5  # (B, Hkv, G, S)
     else:
         scores = (q @ k.transpose(-1, -2)).float() * d**-0.5
     p = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf")).softmax(-1)
-    if torch.compiler.is_compiling():
-        return (p[..., None] * v.float()[:, :, None]).sum(-2).to(v.dtype).view(b, h, 1, d)
-    return (p.to(v.dtype) @ v).view(b, h, 1, d)
+    y = (p[..., None] * v.float()[:, :, None]).sum(-2).to(v.dtype) if fused else p.to(v.dtype) @ v
+    return y.view(b, h, 1, d)
 
 
 class MLP(nn.Module):
