@@ -144,6 +144,19 @@ def test_bf16_int8_runs():
     assert np.asarray(p("a star", **KW).images[0]).std() > 1
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_says_so(monkeypatch, caplog, native):
+    """An AVX2 CPU emulates bf16 matmuls (~80× slower than fp32 here): loading in bf16 there logs one line."""
+    import glmimage.checkpoint as ck
+
+    monkeypatch.setattr(ck, "native_bf16", lambda dev: native)
+    with caplog.at_level(logging.WARNING, logger="glmimage"):
+        glmimage.load("debug", device="cpu", dtype="bfloat16")
+        glmimage.load("debug", device="cpu", dtype="float32")
+    emulated = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(emulated) == (0 if native else 1)
+
+
 def test_cli_engine_options(tmp_path, capsys):
     out = tmp_path / "x.png"
     assert cli(["generate", "a red circle", "-o", str(out), "--quantize", "int8", "--offload", "--quiet",

@@ -204,6 +204,77 @@ def test_assemble_live_takes_the_checkpoints(run_dir, tmp_path):
     assert cli(["train", "assemble", "--out", str(tmp_path / "empty")]) == 2
 
 
+@pytest.mark.parametrize("stage,files", [("vae", {"vae": "vae.safetensors"}), ("tokenizer", {"vq": "vq.safetensors"}),
+                                         ("ar", {"ar": "ar.safetensors"}),
+                                         ("dit", {"dit": "dit.safetensors", "glyph": "glyph.safetensors"})])
+def test_stage_continues_from_a_model(run_dir, tmp_path, stage, files):
+    """`--set init=MODEL`: a run with no checkpoint starts from a model folder's weights (how a run continues
+    from the last shipped model on a machine that has lost its checkpoints); 0 steps -> the model's own weights."""
+    out = tmp_path / "run"
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    shutil.rmtree(out / stage, ignore_errors=True)
+    model = run_dir / "model"
+    train.run(stage, "quick", out=str(out), steps=0, init=str(model))
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(model / "model.safetensors"))
+    for comp, name in files.items():
+        got = load_file(str(out / stage / name))
+        assert got and all(torch.equal(v, shipped[f"{comp}.{k}"].float()) for k, v in got.items()
+                           if f"{comp}.{k}" in shipped), comp
+    if stage == "ar":  # the embedding rows belong to the model's text tokenizer
+        assert (out / "ar" / "tokenizer.json").read_text() == (model / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="not a glmimage model folder"):
+        train.run(stage, "quick", out=str(out), steps=0, init=str(tmp_path))
+    glmimage.save(glmimage.load("debug", device="cpu"), tmp_path / "debug")  # another model's shapes
+    with pytest.raises(ValueError, match="does not match"):
+        train.run(stage, "quick", out=str(out), steps=0, init=str(tmp_path / "debug"))
+
+
+def test_factored_init_starts_ids_that_share_a_factor_alike():
+    from glmimage.train.data import NUM_CODES, factored_init_
+
+    t = factored_init_(torch.zeros(NUM_CODES + 4, 512))
+    assert t[NUM_CODES:].abs().sum() == 0  # rows past the semantic ids (specials, text) keep their own init
+    assert abs(t[:NUM_CODES].std().item() - 0.02) < 0.002
+    code = {(s, c, p): N_BG + (s * len(COLORS) + c) * PARTS * PARTS + p
+            for s in range(len(SHAPES)) for c in range(len(COLORS)) for p in range(PARTS * PARTS)}
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(t[code[a]], t[code[b]], dim=0).item()
+    assert cos((0, 0, 5), (0, 3, 5)) > 0.5  # same shape and part, other colour: shape·part + is_shape shared
+    assert cos((0, 0, 5), (1, 3, 9)) < 0.5  # nothing but is_shape shared
+
+
+def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
+    out = tmp_path / "run"
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    from safetensors.torch import load_file
+
+    from glmimage.train.data import factor_matrix
+
+    x = factor_matrix()
+    for stage, name, key in (("dit", "dit.safetensors", "prior_embedding.weight"),
+                             ("ar", "ar.safetensors", "embed_tokens.weight")):
+        train.run(stage, "quick", out=str(out), steps=0, factor_init=True)
+        rows = load_file(str(out / stage / name))[key][:len(x)].double()
+        fit = torch.linalg.lstsq(x.double(), rows, driver="gelsd").solution  # rows = sums of factor vectors
+        assert torch.allclose(x.double() @ fit, rows, atol=1e-6), stage
+
+
+def test_bf16_autocast_by_default_only_where_it_is_native(monkeypatch):
+    from glmimage.train import common as C
+
+    for native in (True, False):
+        monkeypatch.setattr(C, "native_bf16", lambda device="cpu": native)
+        with C.autocast(None):
+            assert torch.is_autocast_enabled("cpu") == native
+        with C.autocast(True):
+            assert torch.is_autocast_enabled("cpu")
+        with C.autocast(False):
+            assert not torch.is_autocast_enabled("cpu")
+
+
 def test_cli_train_rejects_bad_options(tmp_path, capsys):
     assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown option" in capsys.readouterr().err

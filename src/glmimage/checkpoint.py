@@ -20,7 +20,7 @@ from glmimage.ar.model import ARConfig, ARModel
 from glmimage.config import ModelConfig, SamplingConfig, ScheduleConfig, preset
 from glmimage.dit.model import DiT, DiTConfig
 from glmimage.glyph import GlyphEncoder
-from glmimage.pipeline import Pipeline, resolve_device, resolve_dtype
+from glmimage.pipeline import Pipeline, log, native_bf16, resolve_device, resolve_dtype
 from glmimage.tokenizer.text import TextTokenizer
 from glmimage.tokenizer.vq import VisualTokenizer, VQConfig
 from glmimage.vae import VAE
@@ -202,6 +202,9 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
     the tensors become the modules' own, and a later conversion (channels-last VAE, dtype) frees the old copy at
     once instead of holding two (fp32 load peak at `small` 1917 -> 1620 MiB with the 64 MiB windows)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if dt == torch.bfloat16 and not native_bf16(dev):
+        log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 matmuls are emulated, many times slower "
+                    "than float32 here; --dtype float32 is the fast choice on it")
     if len(tokenizer) > cfg.ar.vocab_size:
         raise ValueError(f"text tokenizer has {len(tokenizer)} ids but the AR embedding only {cfg.ar.vocab_size}")
     torch.manual_seed(seed)

@@ -62,6 +62,14 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` computes bf16 matmuls natively: a CPU with AVX512-BF16 or AMX (an AVX2 CPU emulates them,
+    ~80× slower than float32), any accelerator."""
+    if torch.device(device).type != "cpu":
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

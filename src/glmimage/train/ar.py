@@ -27,7 +27,7 @@ from glmimage.ar.model import ARModel
 from glmimage.config import preset
 from glmimage.tokenizer.text import TextTokenizer, train_bpe
 from glmimage.train import common as C
-from glmimage.train.data import Dataset
+from glmimage.train.data import Dataset, factored_init_
 from glmimage.train.tokenizer import ids_to_image
 
 
@@ -38,6 +38,7 @@ class ARTrainConfig(C.StageConfig):
     caption_dropout: float = 0.1  # text-to-image rows trained with an empty prompt
     n_samples: int = 8
     bpe_merges: int = 512  # the prompt BPE (captions are ~4× shorter than in bytes)
+    factor_init: bool = False  # embedding and head rows of the ids start as sums of their factors (factored_init_)
 
 
 def stage_dir(cfg) -> Path:
@@ -70,11 +71,17 @@ def make_batch(rows: list[tuple[argen.Prompt, torch.Tensor]], pad_id: int):
     return ids, pos, targets
 
 
-def text_tokenizer(root: Path, codebook_size: int, merges: int) -> TextTokenizer:
-    """The run's BPE over the world's captions and instructions (trained once, kept in <out>/ar/tokenizer.json)."""
+def text_tokenizer(root: Path, codebook_size: int, merges: int, init: str = "") -> TextTokenizer:
+    """The run's BPE over the world's captions and instructions (trained once, kept in <out>/ar/tokenizer.json);
+    a run started from a model (`init`) keeps that model's, which its embedding rows were trained with."""
     path = root / "ar" / "tokenizer.json"
     if path.is_file():
         return TextTokenizer.from_file(path)
+    if init:
+        tok = TextTokenizer.from_file(Path(init) / "tokenizer.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(path)
+        return tok
     scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
     tok = train_bpe([c for cs in scenes["captions"] for c in cs] + list(edits["instructions"]), codebook_size,
                     merges)
@@ -102,9 +109,9 @@ def main(cfg: ARTrainConfig) -> Path:
     if ids_t.shape[1] != target[0] * target[1] or ids_p.shape[1] != preview[0] * preview[1]:
         raise ValueError(f"tokenizer ids {ids_t.shape[1]}/{ids_p.shape[1]} do not match the grids {target}/{preview}")
     if d.main:
-        text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges)  # trained once, by one process
+        text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges, cfg.init)  # trained once, by one process
     parallel.barrier(d)
-    tok = text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges)
+    tok = text_tokenizer(root, mcfg.vq.codebook_size, cfg.bpe_merges, cfg.init)
     if len(tok) > mcfg.ar.vocab_size:
         raise ValueError(f"text tokenizer has {len(tok)} ids, the AR embedding {mcfg.ar.vocab_size}")
     captions, instructions = scenes["captions"], edits["instructions"]
@@ -112,6 +119,10 @@ def main(cfg: ARTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = ARModel(mcfg.ar)
     init_weights(model)
+    if cfg.factor_init:
+        for table in (model.embed_tokens.weight, model.lm_head.weight):
+            factored_init_(table)
+    C.init_from(cfg, {"ar": model})
     model.train()
     opt = C.make_optimizer(model.parameters(), cfg)
     state = C.load_checkpoint(out, {"ar": model}, opt)

@@ -65,34 +65,13 @@ def seen_codes(out: str | Path) -> np.ndarray:
                                      for k in ("scenes", "preview", "source", "target")]))
 
 
-def _factors(code: int) -> list[tuple[str, int]]:
-    """The factors an id is made of (train/data.token_codes), as (factor table, index) pairs."""
-    if code < D.N_BG:
-        return [("bg", code)]
-    if code < D.N_BG + D.N_SHAPE:
-        q = code - D.N_BG
-        part, colour, shape = q % (D.PARTS * D.PARTS), q // (D.PARTS * D.PARTS) % len(D.COLORS), \
-            q // (D.PARTS * D.PARTS * len(D.COLORS))
-        return [("shape·part", shape * D.PARTS * D.PARTS + part), ("colour·part", colour * D.PARTS * D.PARTS + part),
-                ("is_shape", 0)]
-    q = code - D.N_BG - D.N_SHAPE
-    part, q = q % len(D.TEXT_PARTS), q // len(D.TEXT_PARTS)
-    font, colour = q % len(D.FONTS), q // len(D.FONTS)
-    return [("text colour·part", colour * len(D.TEXT_PARTS) + part), ("font·part", font * len(D.TEXT_PARTS) + part),
-            ("is_text", 0)]
-
-
 def complete_unseen(table: torch.Tensor, seen: np.ndarray) -> torch.Tensor:
     """Rows of an id table (embedding or output head, (K, D)) for ids never seen in training, filled in from the
     seen rows by a least-squares additive fit over the ids' factors (shape·part + colour·part for shapes,
     colour·part + font·part for text). A shape–colour pair held out of training then gets the row that its shape
     and its colour imply instead of an untrained one."""
     k = min(table.shape[0], D.NUM_CODES)
-    columns: dict[tuple[str, int], int] = {}
-    rows = [[columns.setdefault(f, len(columns)) for f in _factors(c)] for c in range(k)]
-    x = torch.zeros(k, len(columns), dtype=torch.float64)
-    for c, cols in enumerate(rows):
-        x[c, cols] = 1.0
+    x = D.factor_matrix(k).double()
     seen_mask = torch.zeros(k, dtype=torch.bool)
     seen_mask[torch.from_numpy(seen[seen < k].astype(np.int64))] = True
     w = table[:k].double()

@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from glmimage.checkpoint import atomic_folder, recover_folder
+from glmimage.pipeline import native_bf16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,11 +36,16 @@ class StageConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
-    bf16: bool = True  # bf16 autocast (2.2× faster on AVX512-BF16 CPUs), fp32 master weights and loss
+    # bf16 autocast, fp32 master weights and loss. None: on where the device computes bf16 natively (CUDA, NPU, CPUs
+    # with AVX512-BF16 or AMX: 2.2× faster than fp32), off elsewhere (an AVX2 CPU emulates bf16 matmuls, ~80× slower)
+    bf16: bool | None = None
     log_every: int = 10
     sample_every: int = 250
     ckpt_every: int = 100
     threads: int = 0  # torch threads; 0 = leave the default
+    # a glmimage model folder (what `train assemble` writes) whose weights a stage starts from when it has no
+    # checkpoint yet, with a fresh optimizer and schedule: a run continued from a model, not from a checkpoint
+    init: str = ""
 
     def with_overrides(self, **kw):
         names = {f.name for f in fields(self)}
@@ -62,7 +68,10 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7 + stream) % (2**63))
 
 
-def autocast(enabled: bool, device: str = "cpu"):
+def autocast(enabled: bool | None, device: str = "cpu"):
+    """bf16 autocast when `enabled` (None: when the device computes bf16 natively), else a no-op context."""
+    if enabled is None:
+        enabled = native_bf16(device)
     return torch.autocast(device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
@@ -151,6 +160,30 @@ def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.op
     npr = state["numpy_rng"]
     np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]))
     return state
+
+
+def init_from(cfg: StageConfig, models: dict[str, nn.Module]) -> None:
+    """Load cfg.init's weights into models {component of the model folder: module}, in place (no-op without init).
+    A stage calls it before load_checkpoint, so a run's own checkpoint, once it has one, wins."""
+    if not cfg.init:
+        return
+    from glmimage.checkpoint import _tie_t5, read_safetensors
+
+    weights = Path(cfg.init) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"init={cfg.init!r} is not a glmimage model folder (no {weights})")
+    comps = {comp.partition(".")[0] for comp in models}
+    flat = read_safetensors([weights], keep=lambda k: k.partition(".")[0] in comps,
+                            cast=lambda k, t: t.float() if t.is_floating_point() else t)
+    for comp, module in models.items():
+        sd = {k[len(comp) + 1:]: v for k, v in flat.items() if k.startswith(comp + ".")}
+        if comp == "glyph":
+            _tie_t5(sd)
+        try:
+            module.load_state_dict(sd, strict=True)  # copies in place: optimizer and EMA hold the same parameters
+        except RuntimeError as e:
+            raise ValueError(f"init={cfg.init!r}: its {comp} does not match this stage's model "
+                             f"({str(e).splitlines()[1].strip()})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

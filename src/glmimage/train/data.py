@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -59,6 +60,45 @@ def _gradient_bucket(g: float) -> int:
 
 def _part(u: float) -> int:
     return 0 if u < 0 else 1 if u < 0.5 else 2 if u < 1 else 3
+
+
+def code_factors(code: int) -> list[tuple[str, int]]:
+    """The factors a semantic id is made of (token_codes), as (factor table, index) pairs."""
+    if code < N_BG:
+        return [("bg", code)]
+    if code < N_BG + N_SHAPE:
+        q, part = divmod(code - N_BG, PARTS * PARTS)
+        shape, colour = divmod(q, len(COLORS))
+        return [("shape·part", shape * PARTS * PARTS + part), ("colour·part", colour * PARTS * PARTS + part),
+                ("is_shape", 0)]
+    q = code - N_BG - N_SHAPE
+    part, q = q % len(TEXT_PARTS), q // len(TEXT_PARTS)
+    font, colour = q % len(FONTS), q // len(FONTS)
+    return [("text colour·part", colour * len(TEXT_PARTS) + part), ("font·part", font * len(TEXT_PARTS) + part),
+            ("is_text", 0)]
+
+
+def factor_matrix(k: int = NUM_CODES) -> torch.Tensor:
+    """(k, F) 0/1 float: which factors (code_factors) each of the ids 0 … k-1 is made of."""
+    columns: dict[tuple[str, int], int] = {}
+    rows = [[columns.setdefault(f, len(columns)) for f in code_factors(c)] for c in range(k)]
+    x = torch.zeros(k, len(columns))
+    for c, cols in enumerate(rows):
+        x[c, cols] = 1.0
+    return x
+
+
+@torch.no_grad()
+def factored_init_(table: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Initialise the rows of an id table (embedding or output head, (K, D)) for the semantic ids as sums of random
+    vectors of their factors (code_factors), each row N(0, std²) like a plain init. A red and a blue "circle, centre
+    in this part" then start alike and learn the circle's part together, across the 12 colours, instead of each
+    from its own 1/12 of the data."""
+    k = min(table.shape[0], NUM_CODES)
+    x = factor_matrix(k)
+    f = torch.randn(x.shape[1], table.shape[1]) * std
+    table[:k] = ((x @ f) / x.sum(1, keepdim=True).sqrt()).to(table.dtype)
+    return table
 
 
 def token_codes(scene: Scene, grid: int) -> np.ndarray:
@@ -220,10 +260,8 @@ class Dataset:
         return self.arrays[k] if k in self.arrays else self.lists[k]
 
 
-def to_float(images: np.ndarray) -> "torch.Tensor":
+def to_float(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    import torch
-
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

@@ -30,7 +30,7 @@ from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
 from glmimage.pipeline import to_pil, upsample_ids
 from glmimage.train import common as C
-from glmimage.train.data import N_BG, Dataset
+from glmimage.train.data import N_BG, Dataset, factored_init_
 
 MAX_GLYPH_POS = 64  # the glyph_aux head's classes: index 0 … 63 from either end (later positions share the last)
 
@@ -55,6 +55,7 @@ class DiTTrainConfig(C.StageConfig):
     # not learn absolute positions (a linear probe read the index for 21 % of letters), so the DiT cannot tell which
     # letter is which and paints their average; the pretrained ByT5 of the official model knows them. Training only.
     glyph_aux: float = 0.1
+    factor_init: bool = False  # the prior embedding's rows start as sums of their ids' factors (data.factored_init_)
 
 
 def stage_dir(cfg) -> Path:
@@ -92,7 +93,10 @@ def main(cfg: DiTTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     dit = DiT(mcfg.dit)
     dit.initialize_weights()
+    if cfg.factor_init:
+        factored_init_(dit.prior_embedding.weight)
     glyph = GlyphEncoder(mcfg.glyph)
+    C.init_from(cfg, {"dit": dit, "glyph": glyph.encoder})
     dit.train(), glyph.train()
     ema_dit, ema_glyph = copy.deepcopy(dit).eval(), copy.deepcopy(glyph).eval()
     for p in list(ema_dit.parameters()) + list(ema_glyph.parameters()):
