@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from glmimage.checkpoint import atomic_folder, recover_folder
+from glmimage.checkpoint import _tie_t5, atomic_folder, read_safetensors, recover_folder
 from glmimage.pipeline import native_bf16
 
 
@@ -167,8 +167,6 @@ def init_from(cfg: StageConfig, models: dict[str, nn.Module]) -> None:
     A stage calls it before load_checkpoint, so a run's own checkpoint, once it has one, wins."""
     if not cfg.init:
         return
-    from glmimage.checkpoint import _tie_t5, read_safetensors
-
     weights = Path(cfg.init) / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"init={cfg.init!r} is not a glmimage model folder (no {weights})")
