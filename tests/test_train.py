@@ -229,6 +229,8 @@ def test_stage_continues_from_a_model(run_dir, tmp_path, stage, files):
     glmimage.save(glmimage.load("debug", device="cpu"), tmp_path / "debug")  # another model's shapes
     with pytest.raises(ValueError, match="does not match"):
         train.run(stage, "quick", out=str(out), steps=0, init=str(tmp_path / "debug"))
+    shutil.copytree(run_dir / stage / "ckpt", out / stage / "ckpt")  # a run with its own checkpoint resumes from it
+    train.run(stage, "quick", out=str(out), init=str(tmp_path / "debug"))  # and never reads init
 
 
 def test_factored_init_starts_ids_that_share_a_factor_alike():

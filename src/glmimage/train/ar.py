@@ -122,7 +122,7 @@ def main(cfg: ARTrainConfig) -> Path:
     if cfg.factor_init:
         for table in (model.embed_tokens.weight, model.lm_head.weight):
             factored_init_(table)
-    C.init_from(cfg, {"ar": model})
+    C.init_from(cfg, out, {"ar": model})
     model.train()
     opt = C.make_optimizer(model.parameters(), cfg)
     state = C.load_checkpoint(out, {"ar": model}, opt)

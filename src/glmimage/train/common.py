@@ -162,16 +162,15 @@ def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.op
     return state
 
 
-def init_from(cfg: StageConfig, models: dict[str, nn.Module]) -> None:
-    """Load cfg.init's weights into models {component of the model folder: module}, in place (no-op without init).
-    A stage calls it before load_checkpoint, so a run's own checkpoint, once it has one, wins."""
-    if not cfg.init:
+def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -> None:
+    """Load cfg.init's weights into models {component of the model folder: module}, in place. A no-op without
+    init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it."""
+    if not cfg.init or (stage_dir / "ckpt" / "state.json").is_file():
         return
     weights = Path(cfg.init) / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"init={cfg.init!r} is not a glmimage model folder (no {weights})")
-    comps = {comp.partition(".")[0] for comp in models}
-    flat = read_safetensors([weights], keep=lambda k: k.partition(".")[0] in comps,
+    flat = read_safetensors([weights], keep=lambda k: k.partition(".")[0] in models,
                             cast=lambda k, t: t.float() if t.is_floating_point() else t)
     for comp, module in models.items():
         sd = {k[len(comp) + 1:]: v for k, v in flat.items() if k.startswith(comp + ".")}

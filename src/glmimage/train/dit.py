@@ -96,7 +96,7 @@ def main(cfg: DiTTrainConfig) -> Path:
     if cfg.factor_init:
         factored_init_(dit.prior_embedding.weight)
     glyph = GlyphEncoder(mcfg.glyph)
-    C.init_from(cfg, {"dit": dit, "glyph": glyph.encoder})
+    C.init_from(cfg, out, {"dit": dit, "glyph": glyph.encoder})
     dit.train(), glyph.train()
     ema_dit, ema_glyph = copy.deepcopy(dit).eval(), copy.deepcopy(glyph).eval()
     for p in list(ema_dit.parameters()) + list(ema_glyph.parameters()):

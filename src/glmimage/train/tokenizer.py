@@ -136,7 +136,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     vq = VisualTokenizer(mcfg.vq)
     nn.init.normal_(vq.pos_embed.weight, std=0.02)
-    C.init_from(cfg, {"vq": vq})
+    C.init_from(cfg, out, {"vq": vq})
     opt = C.make_optimizer(vq.parameters(), cfg)
     state = C.load_checkpoint(out, {"vq": vq}, opt)
     start = state["step"] if state else 0

@@ -64,7 +64,7 @@ def main(cfg: VAETrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     vae = VAE({**mcfg.vae})
-    C.init_from(cfg, {"vae": vae.model})
+    C.init_from(cfg, out, {"vae": vae.model})
     model = vae.model.train()
     opt = C.make_optimizer(model.parameters(), cfg)
     state = C.load_checkpoint(out, {"vae": model}, opt)
