@@ -14,7 +14,7 @@ $(BIN)/glmimage: pyproject.toml
 install: $(BIN)/glmimage
 
 generate: install
-	$(BIN)/glmimage generate "a red circle above the word 'HELLO'" --model debug --size 64x64 --steps 8 -o out/example.png
+	$(BIN)/glmimage generate "a green triangle to the left of a yellow star" -o out/example.png
 
 test: install
 	$(BIN)/python -m pytest -q tests

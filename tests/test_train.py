@@ -13,9 +13,11 @@ from PIL import Image
 import glmimage
 from glmimage import train
 from glmimage.ar import generate as argen
+from glmimage.checkpoint import EMBEDDED
 from glmimage.cli import main as cli
 from glmimage.train.data import (COLORS, GRADIENTS, N_BG, N_SHAPE, PARTS, SHAPES, Dataset, scene_graphs,
                                  token_codes)
+from glmimage.train import common as C
 from glmimage.train.tokenizer import load_trained, read_ids
 from glmimage.world import all_captions
 from glmimage.world import sample_scene
@@ -231,6 +233,24 @@ def test_stage_continues_from_a_model(run_dir, tmp_path, stage, files):
         train.run(stage, "quick", out=str(out), steps=0, init=str(tmp_path / "debug"))
     shutil.copytree(run_dir / stage / "ckpt", out / stage / "ckpt")  # a run with its own checkpoint resumes from it
     train.run(stage, "quick", out=str(out), init=str(tmp_path / "debug"))  # and never reads init
+
+
+@pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(), reason="embedded model not built")
+def test_stage_continues_from_the_embedded_model(run_dir, tmp_path, monkeypatch):
+    """`--set init=world` names the shipped model (unless a folder called world is at hand): every later session
+    continues training from it."""
+    out = tmp_path / "run"
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    monkeypatch.chdir(tmp_path)
+    assert C.init_dir("world") == EMBEDDED
+    train.run("dit", "quick", out=str(out), steps=0, init="world")
+    from safetensors.torch import load_file
+
+    shipped, got = load_file(str(EMBEDDED / "model.safetensors")), load_file(str(out / "dit" / "dit.safetensors"))
+    assert got and all(torch.equal(v, shipped[f"dit.{k}"].float()) for k, v in got.items())
+    (tmp_path / "world").mkdir()
+    assert C.init_dir("world") == Path("world")
 
 
 def test_factored_init_starts_ids_that_share_a_factor_alike():

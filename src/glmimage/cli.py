@@ -5,9 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-# The embedded world model (`--model world`, glmimage/assets/world) becomes the default once it is trained to its
-# targets (issue 3; README "The embedded world model"); until then the default is the tiny random `debug` preset.
-DEFAULT_MODEL = "debug"
+# The embedded world model (glmimage/assets/world, fp16, trained on the synthetic world; README "The embedded world
+# model") is every command's default; `--model debug` is the tiny random-weight preset.
+DEFAULT_MODEL = "world"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -23,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="out.png", help="output PNG path; with --n > 1, _0, _1, ... are added")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model folder (glmimage format or official diffusers layout), 'world' (the embedded model, "
-                   "when installed) or a random-weight preset: debug (default), glm-image")
+                   "default) or a random-weight preset: debug, glm-image")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels, multiples of the model's "
                    "token stride (32 px for GLM-Image); default: the model's own size")
     p.add_argument("--steps", type=int, default=None, help="DiT denoising steps (default: model's, 50 for GLM-Image)")

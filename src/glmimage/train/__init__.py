@@ -13,20 +13,19 @@ from pathlib import Path
 STAGES = ("data", "vae", "tokenizer", "ar", "dit")
 DISTRIBUTED = ("ar", "dit")  # stages that run under torchrun (DDP); the others are quick or bound by data work
 
-# Per stage: the recipe of the world model (`world`) and the smoke-test one (`quick`). The run in progress reached
-# these lengths in legs resumed from checkpoints (tokenizer 2,500 -> 4,500 -> 9,000; ar 3,000 -> 6,750; dit in eight
-# legs to 16,000, the options below switched on along the way: fg_weight from 2,000, text_fraction from 8,000,
-# noise_shift from 11,250, glyph_aux from 12,250), so its schedules differ from one uninterrupted run of these lengths.
+# Per stage: the recipe of the world model (`world`) and the smoke-test one (`quick`). The embedded model is this
+# recipe run once from nothing (2026-12-02, one 2-core AVX512-BF16/AMX CPU, bf16 autocast; README "The embedded
+# world model"): vae ∥ tokenizer ids + ar, then dit ∥ the tokenizer's ViT, then dit on both cores (DDP).
 RECIPES: dict[str, dict[str, dict]] = {
     "data": {"world": dict(n_scenes=60000, n_edits=24000), "quick": dict(n_scenes=192, n_edits=96)},
     "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
-    "tokenizer": {"world": dict(steps=9000, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250),
+    "tokenizer": {"world": dict(steps=2500, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250),
                   "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
-    "ar": {"world": dict(steps=7000, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
+    "ar": {"world": dict(steps=5500, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
-    "dit": {"world": dict(steps=16000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250,
-                          fg_weight=3.0, fg_from_step=2000, text_fraction=0.6, noise_shift=3.0, glyph_aux=0.1),
+    "dit": {"world": dict(steps=7000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250,
+                          fg_weight=3.0, fg_from_step=2000, text_fraction=0.3, noise_shift=3.0, glyph_aux=0.1),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
 }
 

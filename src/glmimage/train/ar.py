@@ -78,7 +78,7 @@ def text_tokenizer(root: Path, codebook_size: int, merges: int, init: str = "") 
     if path.is_file():
         return TextTokenizer.from_file(path)
     if init:
-        tok = TextTokenizer.from_file(Path(init) / "tokenizer.json")
+        tok = TextTokenizer.from_file(C.init_dir(init) / "tokenizer.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(path)
         return tok

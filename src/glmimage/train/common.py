@@ -15,14 +15,18 @@ import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from glmimage.checkpoint import _tie_t5, atomic_folder, read_safetensors, recover_folder
+from glmimage.checkpoint import EMBEDDED, _tie_t5, atomic_folder, read_safetensors, recover_folder
 from glmimage.pipeline import native_bf16
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,12 +166,17 @@ def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.op
     return state
 
 
+def init_dir(init: str) -> Path:
+    """The model folder `--set init=` names: a folder, or `world` (the embedded model) when no such folder exists."""
+    return EMBEDDED if init == "world" and not Path(init).exists() else Path(init)
+
+
 def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -> None:
     """Load cfg.init's weights into models {component of the model folder: module}, in place. A no-op without
     init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it."""
     if not cfg.init or (stage_dir / "ckpt" / "state.json").is_file():
         return
-    weights = Path(cfg.init) / "model.safetensors"
+    weights = init_dir(cfg.init) / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"init={cfg.init!r} is not a glmimage model folder (no {weights})")
     flat = read_safetensors([weights], keep=lambda k: k.partition(".")[0] in models,
@@ -282,7 +291,7 @@ def set_threads(cfg: StageConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-def grid_image(rows: list[list[np.ndarray]], scale: int = 2, pad: int = 2) -> "Image.Image":
+def grid_image(rows: list[list[np.ndarray]], scale: int = 2, pad: int = 2) -> Image.Image:
     """rows of HxWx3 uint8 images (same size) -> one PIL image, enlarged `scale`× (nearest)."""
     from PIL import Image
 
