@@ -13,11 +13,10 @@ from PIL import Image
 import glmimage
 from glmimage import train
 from glmimage.ar import generate as argen
-from glmimage.checkpoint import EMBEDDED
+from glmimage.checkpoint import EMBEDDED, model_folder
 from glmimage.cli import main as cli
 from glmimage.train.data import (COLORS, GRADIENTS, N_BG, N_SHAPE, PARTS, SHAPES, Dataset, scene_graphs,
                                  token_codes)
-from glmimage.train import common as C
 from glmimage.train.tokenizer import load_trained, read_ids
 from glmimage.world import all_captions
 from glmimage.world import sample_scene
@@ -243,14 +242,14 @@ def test_stage_continues_from_the_embedded_model(run_dir, tmp_path, monkeypatch)
     for dep in ("data", "vae", "tokenizer"):
         shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
     monkeypatch.chdir(tmp_path)
-    assert C.init_dir("world") == EMBEDDED
+    assert model_folder("world") == EMBEDDED
     train.run("dit", "quick", out=str(out), steps=0, init="world")
     from safetensors.torch import load_file
 
     shipped, got = load_file(str(EMBEDDED / "model.safetensors")), load_file(str(out / "dit" / "dit.safetensors"))
     assert got and all(torch.equal(v, shipped[f"dit.{k}"].float()) for k, v in got.items())
     (tmp_path / "world").mkdir()
-    assert C.init_dir("world") == Path("world")
+    assert model_folder("world") == Path("world")
 
 
 def test_factored_init_starts_ids_that_share_a_factor_alike():

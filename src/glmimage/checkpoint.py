@@ -245,10 +245,15 @@ def _build_vq(cfg: VQConfig, read) -> VisualTokenizer:
     return vq.eval()
 
 
+def model_folder(name: str | Path) -> Path:
+    """The folder a model name means: `world` is the embedded model unless a folder of that name is at hand."""
+    return EMBEDDED if isinstance(name, str) and name == "world" and not Path(name).exists() else Path(name)
+
+
 def load(path_or_preset: str | Path, *, device: str = "auto", dtype: str = "float32") -> Pipeline:
     """Load a pipeline: a preset name (random weights), our own folder, or an official diffusers-layout folder."""
-    p = Path(path_or_preset)
-    if isinstance(path_or_preset, str) and not p.exists() and path_or_preset == "world":
+    p = model_folder(path_or_preset)
+    if p is EMBEDDED:
         if not (EMBEDDED / "config.json").is_file():
             raise ValueError(f"the embedded world model is missing from this install ({EMBEDDED}); "
                              "train it with `glmimage train all --preset world --ship <dir>` and pass --model <dir>")

@@ -96,11 +96,9 @@ class FinetuneConfig(C.StageConfig):
 # ---------------------------------------------------------------------------------------------------------------
 def model_fingerprint(model: str) -> str:
     """What identifies the base model's encoders: a preset's name, or a folder's config and weight file stats."""
-    from glmimage.checkpoint import EMBEDDED
+    from glmimage.checkpoint import model_folder
 
-    p = Path(model)
-    if not p.is_dir() and model == "world":
-        p = EMBEDDED
+    p = model_folder(model)
     if not p.is_dir():
         return model
     h = hashlib.sha1()

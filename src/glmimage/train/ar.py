@@ -24,6 +24,7 @@ from tqdm import tqdm
 from glmimage import parallel
 from glmimage.ar import generate as argen
 from glmimage.ar.model import ARModel
+from glmimage.checkpoint import model_folder
 from glmimage.config import preset
 from glmimage.tokenizer.text import TextTokenizer, train_bpe
 from glmimage.train import common as C
@@ -78,7 +79,7 @@ def text_tokenizer(root: Path, codebook_size: int, merges: int, init: str = "") 
     if path.is_file():
         return TextTokenizer.from_file(path)
     if init:
-        tok = TextTokenizer.from_file(C.init_dir(init) / "tokenizer.json")
+        tok = TextTokenizer.from_file(model_folder(init) / "tokenizer.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(path)
         return tok

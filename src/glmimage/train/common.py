@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from glmimage.checkpoint import EMBEDDED, _tie_t5, atomic_folder, read_safetensors, recover_folder
+from glmimage.checkpoint import _tie_t5, atomic_folder, model_folder, read_safetensors, recover_folder
 from glmimage.pipeline import native_bf16
 
 if TYPE_CHECKING:
@@ -166,17 +166,12 @@ def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.op
     return state
 
 
-def init_dir(init: str) -> Path:
-    """The model folder `--set init=` names: a folder, or `world` (the embedded model) when no such folder exists."""
-    return EMBEDDED if init == "world" and not Path(init).exists() else Path(init)
-
-
 def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -> None:
     """Load cfg.init's weights into models {component of the model folder: module}, in place. A no-op without
     init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it."""
     if not cfg.init or (stage_dir / "ckpt" / "state.json").is_file():
         return
-    weights = init_dir(cfg.init) / "model.safetensors"
+    weights = model_folder(cfg.init) / "model.safetensors"  # `world`: the embedded model
     if not weights.is_file():
         raise ValueError(f"init={cfg.init!r} is not a glmimage model folder (no {weights})")
     flat = read_safetensors([weights], keep=lambda k: k.partition(".")[0] in models,
