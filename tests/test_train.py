@@ -138,6 +138,41 @@ def test_resume_gives_the_same_losses(run_dir, tmp_path, stage):
     assert straight == resumed
 
 
+def test_train_all_runs_two_lanes_then_the_dit_on_both_cores(run_dir):
+    """On a multi-core CPU `train all` runs vae → dit beside tokenizer ids → ar → ViT, one process each, then the
+    DiT under torchrun on two processes to its last step; every job logs to <out>/logs/."""
+    from glmimage.train.schedule import cores
+
+    if cores() < 2:
+        pytest.skip("one core: the stages run one after another")
+    logs = {p.stem: p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log")}
+    assert set(logs) == {"data", "vae", "tokenizer-ids", "ar", "tokenizer", "dit-lane", "dit-ddp"}
+    assert "Traceback" not in "".join(logs.values())
+    state = json.loads((run_dir / "dit" / "ckpt" / "state.json").read_text())
+    assert state["step"] == train.stage_config("dit", "quick").steps and not (run_dir / "dit" / "STOP").exists()
+
+
+@pytest.mark.parametrize("stage,final", [("vae", "vae.safetensors"), ("tokenizer", "vq.safetensors"),
+                                         ("ar", "ar.safetensors"), ("dit", "dit.safetensors")])
+def test_stop_file_pauses_a_stage_and_it_resumes(run_dir, tmp_path, stage, final):
+    """<stage dir>/STOP: the stage checkpoints after its current step, removes the file and leaves no final weights;
+    run again, it resumes there and finishes."""
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, tmp_path / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    shutil.rmtree(tmp_path / stage, ignore_errors=True)
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "STOP").touch()
+    kw = dict(out=str(tmp_path), steps=4, log_every=1, sample_every=100, ckpt_every=100)
+    train.run(stage, "quick", **kw)
+    state = json.loads((tmp_path / stage / "ckpt" / "state.json").read_text())
+    assert state["step"] == 1 and not (tmp_path / stage / "STOP").exists() and not (tmp_path / stage / final).exists()
+    train.run(stage, "quick", **kw)
+    assert json.loads((tmp_path / stage / "ckpt" / "state.json").read_text())["step"] == 4
+    assert (tmp_path / stage / final).is_file()
+    rows = [json.loads(x) for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "lr" in r] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("stage", ["ar", "dit"])
 def test_two_processes_train_like_one(run_dir, tmp_path, stage):
     """torchrun --nproc_per_node 2 -m glmimage train STAGE: DDP on gloo, each process half of the global batch ->

@@ -1,13 +1,13 @@
 """Training stages of the world model: data → vae → tokenizer → ar → dit, each a linear `main(cfg)`.
 
 `run(stage, ...)` picks the stage's recipe (`world`, or `quick` for a smoke run of a few steps), applies overrides
-and runs it; `run("all", ...)` runs every stage in order and assembles the model folder <out>/model.
+and runs it; `run("all", ...)` runs every stage, two at a time on a multi-core CPU (`schedule.py`), and assembles
+the model folder <out>/model.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import time
 from pathlib import Path
 
 STAGES = ("data", "vae", "tokenizer", "ar", "dit")
@@ -46,15 +46,9 @@ def run(stage: str, recipe: str = "world", **overrides) -> Path:
     if stage == "all":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(f"`train all` runs in one process; under torchrun run the stages {', '.join(DISTRIBUTED)}")
-        t0 = time.time()
-        for s in STAGES:
-            print(f"== stage {s} ({recipe}) ==", flush=True)
-            run(s, recipe, **overrides)
-        from glmimage.train.assemble import assemble
+        from glmimage.train.schedule import run_all
 
-        path = assemble(overrides.get("out", "runs/world"))
-        print(f"== all stages done in {time.time() - t0:.0f} s; model: {path} ==", flush=True)
-        return path
+        return run_all(recipe, overrides)
     cfg = stage_config(stage, recipe, **overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage not in DISTRIBUTED:
         raise ValueError(f"stage {stage} runs in one process; under torchrun: {', '.join(DISTRIBUTED)} (and "

@@ -131,6 +131,7 @@ def main(cfg: ARTrainConfig) -> Path:
     log = C.Log(out, start) if d.main else None
     ddp = parallel.wrap(model, "ddp", d, [])
     bar = tqdm(total=cfg.steps, initial=start, desc="ar", unit="step", disable=not d.main)
+    pause = C.Pause(out, d)
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
@@ -171,11 +172,19 @@ def main(cfg: ARTrainConfig) -> Path:
         if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             _samples(model, tok, scenes, ids_t, code_patches, target, preview, cfg, out / "samples.png")
             log.plot(f"ar · step {done}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or pause(done, cfg.steps):
             if d.main:
                 C.save_checkpoint(out, {"ar": model}, opt, done)
             parallel.barrier(d)
+        if pause.paused:
+            break
     bar.close()
+    if pause.paused:
+        if d.main:
+            log.close()
+        pause.finish()
+        parallel.shutdown(d)
+        return out
     if d.main:
         log.plot(f"ar · step {cfg.steps}")
         log.close()

@@ -187,6 +187,37 @@ def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -
                              f"({str(e).splitlines()[1].strip()})") from None
 
 
+class Pause:
+    """`touch <stage dir>/STOP` pauses a running stage after its current step: it writes its checkpoint, removes the
+    file and returns without its final weights; running the stage again resumes there (on any number of processes,
+    which is how `train all` moves the DiT onto both cores). Under torchrun every process sees the same answer."""
+
+    def __init__(self, stage_dir: Path, d=None) -> None:
+        self.file, self.d, self.step = Path(stage_dir) / "STOP", d, None
+
+    def __call__(self, done: int, total: int) -> bool:
+        """True when the stage should stop after `done` steps (never after its last)."""
+        flag = torch.tensor([float(done < total and self.file.exists())])
+        if self.d is not None and self.d.on:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.step = done
+        return self.step is not None
+
+    def finish(self) -> None:
+        """After the checkpoint is written: consume the file and say where the stage stopped."""
+        if self.d is None or self.d.main:
+            self.file.unlink(missing_ok=True)
+            print(f"{self.file.parent.name}: paused at step {self.step} ({self.file} found); run the stage again "
+                  "to resume", flush=True)
+
+    @property
+    def paused(self) -> bool:
+        return self.step is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Logs: TensorBoard, metrics.jsonl and a loss-curve PNG, all in the stage folder
 # ---------------------------------------------------------------------------------------------------------------

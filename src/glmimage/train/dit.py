@@ -113,6 +113,7 @@ def main(cfg: DiTTrainConfig) -> Path:
     step_fn = parallel.wrap(Step(dit, glyph, aux), "ddp", d, [])
     vae = None
     bar = tqdm(total=cfg.steps, initial=start, desc="dit", unit="step", disable=not d.main)
+    pause = C.Pause(out, d)
     for step in range(start, cfg.steps):
         # the global batch and its random draws, on every process; each process then takes its slice of the rows
         g = C.step_generator(cfg.seed, step)
@@ -184,11 +185,19 @@ def main(cfg: DiTTrainConfig) -> Path:
                 vae = load_trained(cfg.out)
             _samples(ema_dit, ema_glyph, vae, scenes, lat, ids, mcfg, cfg, out / "samples.png")
             log.plot(f"dit · step {done}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or pause(done, cfg.steps):
             if d.main:
                 C.save_checkpoint(out, models, opt, done)
             parallel.barrier(d)
+        if pause.paused:
+            break
     bar.close()
+    if pause.paused:
+        if d.main:
+            log.close()
+        pause.finish()
+        parallel.shutdown(d)
+        return out
     if d.main:
         log.plot(f"dit · step {cfg.steps}")
         log.close()

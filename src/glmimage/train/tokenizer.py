@@ -142,6 +142,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     start = state["step"] if state else 0
     log = C.Log(out, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="tokenizer", unit="step")
+    pause = C.Pause(out)
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         idx = np.sort(torch.randint(0, n - n_val, (cfg.batch_size,), generator=g).numpy())
@@ -167,9 +168,15 @@ def main(cfg: TokenizerTrainConfig) -> Path:
             log.scalars(step, **{f"val_{k}": v for k, v in _accuracies(torch.from_numpy(read), ids[val]).items()})
             _samples(images[n - 8:], ids[n - 8:].numpy(), read[-8:], grid, patches, out / "samples.png")
             log.plot(f"tokenizer · step {done}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or pause(done, cfg.steps):
             C.save_checkpoint(out, {"vq": vq}, opt, done)
+        if pause.paused:
+            break
     bar.close()
+    if pause.paused:
+        log.close()
+        pause.finish()
+        return out
     log.plot(f"tokenizer · step {cfg.steps}")
     log.close()
     vq.eval()

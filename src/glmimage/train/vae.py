@@ -72,6 +72,7 @@ def main(cfg: VAETrainConfig) -> Path:
     log = C.Log(out, start)
     fixed = to_float(images[:8])
     bar = tqdm(total=cfg.steps, initial=start, desc="vae", unit="step")
+    pause = C.Pause(out)
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g).numpy()
@@ -109,9 +110,15 @@ def main(cfg: VAETrainConfig) -> Path:
             as_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
             C.grid_image([list(as_u8(fixed)), list(as_u8(rec))], scale=3).save(out / "samples.png")
             log.plot(f"vae · step {done}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or pause(done, cfg.steps):
             C.save_checkpoint(out, {"vae": model}, opt, done)
+        if pause.paused:
+            break
     bar.close()
+    if pause.paused:
+        log.close()
+        pause.finish()
+        return out
     log.plot(f"vae · step {cfg.steps}")
     log.close()
 
