@@ -331,3 +331,27 @@ def test_cli_help(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--size", "--steps", "--guidance", "--seed", "--greedy", "--device", "--dtype"):
         assert flag in text
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.05])
+def test_nucleus_from_candidates_is_the_nucleus_of_the_full_sort(scale):
+    """A GLM-sized vocabulary: a peaked row's nucleus comes from the top 256 candidates (no full sort), a flat row's
+    from the full sort; either way the draws follow transformers' TopPLogitsWarper, and a row draws the same alone
+    as in a batch with a row that needs the other path."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    v = 16384
+    logits = torch.randn(1, v, generator=torch.Generator().manual_seed(0)) * scale
+    expected = TopPLogitsWarper(0.75)(None, logits.clone()).softmax(-1)[0]
+    mass_top = logits.softmax(-1).topk(argen.NUCLEUS_CANDIDATES).values.sum().item()
+    assert (mass_top > 0.75) == (scale > 1)  # the two paths
+    draws = argen.sample(logits.expand(20000, -1), top_p=0.75, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=v).float() / draws.numel()
+    assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(expected).flatten().tolist())
+    assert (freq - expected).abs().max() < 0.015
+    other = torch.randn(1, v, generator=torch.Generator().manual_seed(2)) * (0.05 if scale > 1 else 4.0)
+    alone = [argen.sample(logits, top_p=0.75, generator=[torch.Generator().manual_seed(s)]).item() for s in range(20)]
+    batched = [argen.sample(torch.cat([logits, other]), top_p=0.75,
+                            generator=[torch.Generator().manual_seed(s), torch.Generator().manual_seed(99)])[0].item()
+               for s in range(20)]
+    assert alone == batched
