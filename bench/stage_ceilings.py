@@ -1,0 +1,66 @@
+"""Where a shape is lost: the composition judge on the same held-out scenes rendered clean, passed through the
+model's VAE (encode → decode: the ceiling of anything the DiT paints), painted by the DiT from the scenes' true
+semantic ids (no AR), and drawn by the whole pipeline from their captions; each judged on what its caption asks
+(`glmimage eval world`'s rule: a cell only when the caption names one). Writes a sheet of the four rows.
+
+    python bench/stage_ceilings.py [--model world] [--n 60] [--out runs/ceilings]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import glmimage
+from glmimage.eval.world import stated
+from glmimage.train.data import token_codes
+from glmimage.world import caption, sample_scene
+from glmimage.world.judges import composition_accuracy, judge_composition
+from glmimage.world.render import contact_sheet, render
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="world")
+    ap.add_argument("--n", type=int, default=60, help="held-out scenes per kind (single, count, relation)")
+    ap.add_argument("--out", default="runs/ceilings")
+    args = ap.parse_args()
+    pipe = glmimage.load(args.model, device="cpu")
+    scenes, prompts = [], []
+    for kind in ("single", "count", "relation"):
+        for i in range(args.n):
+            rng = random.Random(f"ceiling-{kind}-{i}")
+            scenes.append(sample_scene(rng, kind=kind, split="heldout"))
+            prompts.append(caption(scenes[-1], rng))
+    size = pipe.cfg.sampling.height
+    clean = [render(s, size) for s in scenes]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in clean])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = pipe.vae.decode(pipe.vae.encode(x.to(pipe.vae.model.dtype))).float().clamp(-1, 1)
+    vae = [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in rec]
+    (th, tw), _ = pipe.cfg.grids(size, size)
+    prior = torch.from_numpy(np.stack([token_codes(s, th) for s in scenes]).astype(np.int64)).view(-1, th, tw)
+    dit, full = [], []
+    for i in range(0, len(scenes), 30):
+        dit += pipe(prompts[i:i + 30], prior_ids=prior[i:i + 30], seed=i, progress=False).images
+        full += pipe(prompts[i:i + 30], seed=i, progress=False).images
+    rows = {"clean render": clean, "VAE reconstruction": vae, "DiT from the true ids": dit, "whole pipeline": full}
+    print(f"{'':24} " + " ".join(f"{k:>8}" for k in ("object", "colour", "count", "position", "relation")))
+    for name, images in rows.items():
+        acc = composition_accuracy([stated(p, judge_composition(im, s)) for p, s, im in zip(prompts, scenes, images)])
+        print(f"{name:24} " + " ".join(f"{acc.get(k, float('nan')):8.3f}"
+                                       for k in ("object", "colour", "count", "position", "relation")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pick = list(range(0, len(scenes), max(1, len(scenes) // 12)))[:12]
+    sheet = [rows[k][i] for k in rows for i in pick]
+    contact_sheet(sheet, [f"{k}" if j == 0 else "" for k in rows for j in range(len(pick))], columns=len(pick)
+                  ).save(out / "ceilings.png")
+    print(f"wrote {out / 'ceilings.png'}")
+
+
+if __name__ == "__main__":
+    main()
