@@ -1,13 +1,16 @@
 """Where a shape is lost: the composition judge on the same held-out scenes rendered clean, passed through the
 model's VAE (encode → decode: the ceiling of anything the DiT paints), painted by the DiT from the scenes' true
 semantic ids (no AR), and drawn by the whole pipeline from their captions; each judged on what its caption asks
-(`glmimage eval world`'s rule: a cell only when the caption names one). Writes a sheet of the four rows.
+(`glmimage eval world`'s rule: a cell only when the caption names one). With `--from-sigma`, also the DiT from the
+true ids started from each scene's own clean latents noised to σ (SDEdit): how much noise the DiT can take and
+still give the shape back, i.e. where in the trajectory shapes are lost. Writes a sheet of the rows.
 
     python bench/stage_ceilings.py [--model world] [--n 60] [--out runs/ceilings]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from PIL import Image
 
 import glmimage
+import glmimage.dit.sample as dsample
 from glmimage.eval.world import stated
 from glmimage.train.data import token_codes
 from glmimage.world import caption, sample_scene
@@ -23,11 +27,30 @@ from glmimage.world.judges import composition_accuracy, judge_composition
 from glmimage.world.render import contact_sheet, render
 
 
+@contextlib.contextmanager
+def start_from(z0: torch.Tensor, sigma0: float):
+    """Within: the DiT's sampler skips its steps above sigma0 and starts from (1 − σ)·z0 + σ·noise."""
+    plain = dsample.sample
+
+    def sample(model_fn, noise, ts, sigmas, progress=None):
+        i = next(i for i in range(len(ts)) if float(sigmas[i]) <= sigma0)
+        x = (1 - float(sigmas[i])) * z0.to(noise.device) + float(sigmas[i]) * noise.float()
+        return plain(model_fn, x, ts[i:], sigmas[i:], progress)
+
+    dsample.sample = sample
+    try:
+        yield
+    finally:
+        dsample.sample = plain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="world")
     ap.add_argument("--n", type=int, default=60, help="held-out scenes per kind (single, count, relation)")
     ap.add_argument("--out", default="runs/ceilings")
+    ap.add_argument("--from-sigma", type=float, nargs="*", default=[], metavar="SIGMA",
+                    help="also start the DiT at these noise levels from the clean latents, e.g. 0.2 0.4 0.6 0.8")
     args = ap.parse_args()
     pipe = glmimage.load(args.model, device="cpu")
     scenes, prompts = [], []
@@ -48,6 +71,13 @@ def main() -> None:
         dit += pipe(prompts[i:i + 30], prior_ids=prior[i:i + 30], seed=i, progress=False).images
         full += pipe(prompts[i:i + 30], seed=i, progress=False).images
     rows = {"clean render": clean, "VAE reconstruction": vae, "DiT from the true ids": dit, "whole pipeline": full}
+    z0 = pipe.vae.encode(x.to(pipe.vae.model.dtype)).float()
+    for s0 in args.from_sigma:
+        images = []
+        for i in range(0, len(scenes), 30):
+            with start_from(z0[i:i + 30], s0):
+                images += pipe(prompts[i:i + 30], prior_ids=prior[i:i + 30], seed=i, progress=False).images
+        rows[f"DiT from sigma {s0:g}"] = images
     print(f"{'':24} " + " ".join(f"{k:>8}" for k in ("object", "colour", "count", "position", "relation")))
     for name, images in rows.items():
         acc = composition_accuracy([stated(p, judge_composition(im, s)) for p, s, im in zip(prompts, scenes, images)])
