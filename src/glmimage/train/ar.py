@@ -180,10 +180,7 @@ def main(cfg: ARTrainConfig) -> Path:
             break
     bar.close()
     if pause.paused:
-        if d.main:
-            log.close()
-        pause.finish()
-        parallel.shutdown(d)
+        pause.finish(log)
         return out
     if d.main:
         log.plot(f"ar · step {cfg.steps}")

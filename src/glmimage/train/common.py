@@ -206,12 +206,19 @@ class Pause:
             self.step = done
         return self.step is not None
 
-    def finish(self) -> None:
-        """After the checkpoint is written: consume the file and say where the stage stopped."""
+    def finish(self, log: "Log | None") -> None:
+        """After the checkpoint is written: close the log, consume the file, say where the stage stopped and leave
+        the process group."""
+        if log is not None:
+            log.close()
         if self.d is None or self.d.main:
             self.file.unlink(missing_ok=True)
             print(f"{self.file.parent.name}: paused at step {self.step} ({self.file} found); run the stage again "
                   "to resume", flush=True)
+        if self.d is not None:
+            from glmimage import parallel
+
+            parallel.shutdown(self.d)
 
     @property
     def paused(self) -> bool:

@@ -193,10 +193,7 @@ def main(cfg: DiTTrainConfig) -> Path:
             break
     bar.close()
     if pause.paused:
-        if d.main:
-            log.close()
-        pause.finish()
-        parallel.shutdown(d)
+        pause.finish(log)
         return out
     if d.main:
         log.plot(f"dit · step {cfg.steps}")

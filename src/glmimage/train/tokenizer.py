@@ -174,8 +174,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
             break
     bar.close()
     if pause.paused:
-        log.close()
-        pause.finish()
+        pause.finish(log)
         return out
     log.plot(f"tokenizer · step {cfg.steps}")
     log.close()

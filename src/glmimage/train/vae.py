@@ -120,8 +120,7 @@ def main(cfg: VAETrainConfig) -> Path:
             break
     bar.close()
     if pause.paused:
-        log.close()
-        pause.finish()
+        pause.finish(log)
         return out
     log.plot(f"vae · step {cfg.steps}")
     log.close()
