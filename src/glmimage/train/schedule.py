@@ -158,10 +158,9 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
                                                 lane_b_end],))
         a.start(), b.start()
         while a.is_alive() or b.is_alive():
-            a.join(progress_every)
+            (a if a.is_alive() else b).join(progress_every)  # a minute, or until the lane waited on ends
             if a.is_alive() or b.is_alive():
                 r.say(r.progress())
-        b.join()
         if errors:
             raise errors[0]
         stop_file.unlink(missing_ok=True)  # in case lane A's dit had finished before it saw the file
