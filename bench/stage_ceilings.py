@@ -83,6 +83,13 @@ def main() -> None:
         acc = composition_accuracy([stated(p, judge_composition(im, s)) for p, s, im in zip(prompts, scenes, images)])
         print(f"{name:24} " + " ".join(f"{acc.get(k, float('nan')):8.3f}"
                                        for k in ("object", "colour", "count", "position", "relation")))
+    singles = [(s, im) for s, im in zip(scenes, dit) if len(s.shapes) == 1]
+    for factor in ("shape", "size"):
+        groups = {}
+        for s, im in singles:
+            groups.setdefault(getattr(s.shapes[0], factor), []).append(judge_composition(im, s)["object"])
+        print(f"DiT from the true ids, one-shape scenes, object by {factor}: "
+              + ", ".join(f"{k} {np.mean(v):.2f} ({len(v)})" for k, v in sorted(groups.items())))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pick = list(range(0, len(scenes), max(1, len(scenes) // 12)))[:12]
