@@ -62,7 +62,8 @@ def main() -> None:
     size = pipe.cfg.sampling.height
     clean = [render(s, size) for s in scenes]
     x = torch.from_numpy(np.stack([np.asarray(im) for im in clean])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    rec = pipe.vae.decode(pipe.vae.encode(x.to(pipe.vae.model.dtype))).float().clamp(-1, 1)
+    z0 = pipe.vae.encode(x.to(pipe.vae.model.dtype))
+    rec = pipe.vae.decode(z0).float().clamp(-1, 1)
     vae = [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in rec]
     (th, tw), _ = pipe.cfg.grids(size, size)
     prior = torch.from_numpy(np.stack([token_codes(s, th) for s in scenes]).astype(np.int64)).view(-1, th, tw)
@@ -71,23 +72,23 @@ def main() -> None:
         dit += pipe(prompts[i:i + 30], prior_ids=prior[i:i + 30], seed=i, progress=False).images
         full += pipe(prompts[i:i + 30], seed=i, progress=False).images
     rows = {"clean render": clean, "VAE reconstruction": vae, "DiT from the true ids": dit, "whole pipeline": full}
-    z0 = pipe.vae.encode(x.to(pipe.vae.model.dtype)).float()
     for s0 in args.from_sigma:
         images = []
         for i in range(0, len(scenes), 30):
-            with start_from(z0[i:i + 30], s0):
+            with start_from(z0[i:i + 30].float(), s0):
                 images += pipe(prompts[i:i + 30], prior_ids=prior[i:i + 30], seed=i, progress=False).images
         rows[f"DiT from sigma {s0:g}"] = images
     print(f"{'':24} " + " ".join(f"{k:>8}" for k in ("object", "colour", "count", "position", "relation")))
-    for name, images in rows.items():
-        acc = composition_accuracy([stated(p, judge_composition(im, s)) for p, s, im in zip(prompts, scenes, images)])
+    judged = {name: [judge_composition(im, s) for s, im in zip(scenes, images)] for name, images in rows.items()}
+    for name, results in judged.items():
+        acc = composition_accuracy([stated(p, r) for p, r in zip(prompts, results)])
         print(f"{name:24} " + " ".join(f"{acc.get(k, float('nan')):8.3f}"
                                        for k in ("object", "colour", "count", "position", "relation")))
-    singles = [(s, im) for s, im in zip(scenes, dit) if len(s.shapes) == 1]
+    singles = [(s, r) for s, r in zip(scenes, judged["DiT from the true ids"]) if len(s.shapes) == 1]
     for factor in ("shape", "size"):
         groups = {}
-        for s, im in singles:
-            groups.setdefault(getattr(s.shapes[0], factor), []).append(judge_composition(im, s)["object"])
+        for s, r in singles:
+            groups.setdefault(getattr(s.shapes[0], factor), []).append(r["object"])
         print(f"DiT from the true ids, one-shape scenes, object by {factor}: "
               + ", ".join(f"{k} {np.mean(v):.2f} ({len(v)})" for k, v in sorted(groups.items())))
     out = Path(args.out)

@@ -130,9 +130,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.stage == "all":
         path = train.run("all", recipe, **overrides)
     else:
-        if args.stage == "data":
-            overrides = {k: v for k, v in overrides.items() if k != "steps"}
-        path = train.run(args.stage, recipe, **overrides)
+        path = train.run(args.stage, recipe, **train.for_stage(args.stage, overrides))
     if args.ship:
         from glmimage.train.assemble import assemble
 

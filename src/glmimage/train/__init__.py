@@ -30,6 +30,11 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
+def for_stage(stage: str, overrides: dict) -> dict:
+    """The overrides of a run (`train all` or the command line) that apply to `stage`: data has no steps."""
+    return {k: v for k, v in overrides.items() if not (stage == "data" and k == "steps")}
+
+
 def stage_config(stage: str, recipe: str = "world", **overrides):
     """The config object of a stage with its recipe and overrides applied."""
     if stage not in STAGES:

@@ -64,7 +64,9 @@ class Runner:
         if procs > 1:
             launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "glmimage"]
-        sets = [f"--set={k}={v}" for k, v in self.overrides.items() if not (stage == "data" and k == "steps")]
+        from glmimage.train import for_stage
+
+        sets = [f"--set={k}={v}" for k, v in for_stage(stage, self.overrides).items()]
         cmd = launch + ["train", stage, "--out", str(self.out), "--threads", str(threads), *sets]
         cmd += ["--quick"] if self.recipe == "quick" else []
         return cmd + ([] if steps is None else ["--steps", str(steps)])
@@ -109,7 +111,7 @@ class Runner:
 
 def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress_every: float = 60.0) -> Path:
     """Every stage from nothing (or from where a previous `train all` stopped), then assemble; returns the model."""
-    from glmimage.train import run
+    from glmimage.train import STAGES, for_stage, run
     from glmimage.train.assemble import assemble
 
     out = overrides.get("out", "runs/world")
@@ -117,9 +119,9 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
     lanes = n >= 2 if lanes is None else lanes
     t0 = time.time()
     if not lanes:
-        for s in ("data", "vae", "tokenizer", "ar", "dit"):
+        for s in STAGES:
             print(f"== stage {s} ({recipe}) ==", flush=True)
-            run(s, recipe, **({k: v for k, v in overrides.items() if k != "steps"} if s == "data" else overrides))
+            run(s, recipe, **for_stage(s, overrides))
     else:
         r = Runner(out, recipe, overrides)
         t = overrides.get("threads") or max(1, n // 2)

@@ -50,7 +50,7 @@ def encode_all(vae: VAE, images: np.ndarray, batch: int = 256, desc: str = "enco
     out = []
     with C.autocast(bf16):
         for i in tqdm(range(0, len(images), batch), desc=desc, leave=False):
-            out.append(vae.encode(to_float(images[i:i + batch])).float().to(torch.float16).numpy())
+            out.append(vae.encode(to_float(images[i:i + batch])).to(torch.float16).numpy())
     return np.concatenate(out)
 
 
