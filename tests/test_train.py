@@ -229,6 +229,38 @@ def test_dit_noise_shift_draws_noisier_steps(run_dir, tmp_path, monkeypatch):
     assert shifted.shape == plain.shape and torch.all(shifted >= plain - 1e-3) and shifted.mean() > plain.mean() + 50
 
 
+def test_dit_warm_restart_is_the_run_continued_from_its_model(run_dir, tmp_path):
+    """restart_at=2 of 4 steps ≡ 2 steps, assemble, then `--set init=<that model> --set seed=1` for 2 more (how the
+    shipped DiT's second leg ran), and a run stopped at the restart resumes to the same losses."""
+    from glmimage.train.assemble import assemble
+
+    for name in ("one", "first", "second", "resumed"):
+        for dep in ("data", "vae", "tokenizer") + (("ar",) if name == "first" else ()):
+            shutil.copytree(run_dir / dep, tmp_path / name / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    # warmup 1: the EMA (decay from step 1) differs from the raw weights at the restart; no glyph_aux (its training
+    # head is not in a model folder, so a continued run starts a new one)
+    kw = dict(log_every=1, sample_every=100, ckpt_every=2, warmup=1, glyph_aux=0.0, edit_fraction=0.5)
+    train.run("dit", "quick", out=str(tmp_path / "one"), steps=4, restart_at=2, **kw)
+    train.run("dit", "quick", out=str(tmp_path / "first"), steps=2, **kw)
+    model = assemble(tmp_path / "first", dtype="float32", dest=tmp_path / "first" / "model")
+    train.run("dit", "quick", out=str(tmp_path / "second"), steps=2, seed=1, init=str(model), **kw)
+    train.run("dit", "quick", out=str(tmp_path / "resumed"), steps=2, restart_at=2, **kw)
+    train.run("dit", "quick", out=str(tmp_path / "resumed"), steps=4, restart_at=2, **kw)
+
+    def rows(name):
+        return [json.loads(x) for x in (tmp_path / name / "dit" / "metrics.jsonl").read_text().splitlines()
+                if "lr" in x]
+
+    def losses(name):
+        return [r.get("loss_t2i", r.get("loss_i2i")) for r in rows(name)]
+
+    one, two = losses("one"), losses("first") + losses("second")
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-5)
+    assert losses("resumed") == one
+    assert [r["lr"] for r in rows("one")][2:] == [r["lr"] for r in rows("second")]
+
+
 def test_assemble_live_takes_the_checkpoints(run_dir, tmp_path):
     """`train assemble --live` builds the model from each stage's newest checkpoint (EMA for the DiT): at the end of
     a run that is the same model as the one assembled from the final files."""

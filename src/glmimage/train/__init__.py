@@ -15,7 +15,8 @@ DISTRIBUTED = ("ar", "dit")  # stages that run under torchrun (DDP); the others 
 
 # Per stage: the recipe of the world model (`world`) and the smoke-test one (`quick`). The embedded model is this
 # recipe run once from nothing (2026-12-02, one 2-core AVX512-BF16/AMX CPU, bf16 autocast; README "The embedded
-# world model"): vae ∥ tokenizer ids + ar, then dit ∥ the tokenizer's ViT, then dit on both cores (DDP).
+# world model"): vae ∥ tokenizer ids + ar, then dit ∥ the tokenizer's ViT, then dit on both cores (DDP). Its DiT's
+# second leg (restart_at) ran later as a run of its own from the first model (`--set init=... --set seed=1`).
 RECIPES: dict[str, dict[str, dict]] = {
     "data": {"world": dict(n_scenes=60000, n_edits=24000), "quick": dict(n_scenes=192, n_edits=96)},
     "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
@@ -24,9 +25,10 @@ RECIPES: dict[str, dict[str, dict]] = {
                   "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
     "ar": {"world": dict(steps=5500, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
-    "dit": {"world": dict(steps=7000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000, ckpt_every=250,
-                          fg_weight=3.0, fg_from_step=2000, text_fraction=0.3, noise_shift=3.0, glyph_aux=0.1),
-            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
+    "dit": {"world": dict(steps=12000, restart_at=7000, batch_size=64, lr=5e-4, warmup=300, sample_every=1000,
+                          ckpt_every=250, fg_weight=3.0, fg_from_step=2000, text_fraction=0.3, noise_shift=3.0,
+                          glyph_aux=0.1),
+            "quick": dict(steps=3, restart_at=2, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
 }
 
 

@@ -59,11 +59,11 @@ class StageConfig:
         return replace(self, **kw)
 
 
-def lr_at(step: int, cfg: StageConfig) -> float:
-    """Linear warmup then cosine decay to 10 % of the peak."""
+def lr_at(step: int, cfg: StageConfig, steps: int | None = None) -> float:
+    """Linear warmup then cosine decay to 10 % of the peak at `steps` (default cfg.steps)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = (step - cfg.warmup) / max(1, (cfg.steps if steps is None else steps) - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 

@@ -56,10 +56,23 @@ class DiTTrainConfig(C.StageConfig):
     # letter is which and paints their average; the pretrained ByT5 of the official model knows them. Training only.
     glyph_aux: float = 0.1
     factor_init: bool = False  # the prior embedding's rows start as sums of their ids' factors (data.factored_init_)
+    # > 0: a warm restart at this step. The DiT and the glyph encoder go on from their EMA weights with a fresh
+    # optimizer, a fresh warmup and cosine over the steps left, and the batches and noise of seed + 1 counted from
+    # the restart: the second leg is the run `--set init=MODEL --set seed=1 --set steps=<steps left>` from the first
+    # leg's model (fg_from_step counts from the run's start)
+    restart_at: int = 0
 
 
 def stage_dir(cfg) -> Path:
     return Path(cfg.out) / "dit"
+
+
+def leg(step: int, cfg: DiTTrainConfig) -> tuple[int, int, int]:
+    """(leg, step within it, steps in it): `restart_at` splits a run into two legs."""
+    r = cfg.restart_at
+    if 0 < r <= step:
+        return 1, step - r, cfg.steps - r
+    return 0, step, r if 0 < r < cfg.steps else cfg.steps
 
 
 def sigma_of(u: torch.Tensor, mcfg, seq_len: int) -> torch.Tensor:
@@ -115,8 +128,14 @@ def main(cfg: DiTTrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, desc="dit", unit="step", disable=not d.main)
     pause = C.Pause(out, d)
     for step in range(start, cfg.steps):
+        n_leg, k, leg_steps = leg(step, cfg)
+        if n_leg and k == 0:  # warm restart: from the EMA weights, with a fresh optimizer
+            dit.load_state_dict(ema_dit.state_dict())
+            glyph.load_state_dict(ema_glyph.state_dict())
+            opt.state.clear()
+        lr = C.lr_at(k, cfg, leg_steps)
         # the global batch and its random draws, on every process; each process then takes its slice of the rows
-        g = C.step_generator(cfg.seed, step)
+        g = C.step_generator(cfg.seed + n_leg, k)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
         b = cfg.batch_size
         is_edit = rng.random() < cfg.edit_fraction
@@ -149,7 +168,7 @@ def main(cfg: DiTTrainConfig) -> Path:
             src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
             src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))
         for group in opt.param_groups:
-            group["lr"] = C.lr_at(step, cfg)
+            group["lr"] = lr
         with C.autocast(cfg.bf16):
             v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior)
         aux_loss = aux_sum * d.world / n_glyph  # this slice's share of the global mean (DDP averages gradients)
@@ -165,7 +184,7 @@ def main(cfg: DiTTrainConfig) -> Path:
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         with torch.no_grad():
-            decay = cfg.ema if step >= cfg.warmup else 0.0
+            decay = cfg.ema if k >= cfg.warmup else 0.0
             for m, e in ((dit, ema_dit), (glyph, ema_glyph)):
                 for p, q in zip(m.parameters(), e.parameters()):
                     q.lerp_(p.detach(), 1 - decay)
@@ -176,7 +195,7 @@ def main(cfg: DiTTrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss_v:.4f}")
             if d.main:
                 key = "loss_i2i" if is_edit else "loss_t2i"
-                log.scalars(step, **{key: loss_v}, glyph_pos=pos_v, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+                log.scalars(step, **{key: loss_v}, glyph_pos=pos_v, grad_norm=gn.item(), lr=lr)
         done = step + 1
         if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             if vae is None:
