@@ -34,10 +34,11 @@ def main() -> None:
     runs = [pipe(PROMPTS[i % len(PROMPTS)], seed=i, progress=False).timings for i in range(args.n)]
     report = {k: statistics.median(r[k] for r in runs) for k in ("ar", "dit", "vae", "total")}
     report["mean_total"] = statistics.fmean(r["total"] for r in runs)
+    seconds = set(report)
     report.update(n=args.n, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                   torch=torch.__version__, steps=pipe.cfg.sampling.num_inference_steps,
                   guidance=pipe.cfg.sampling.guidance_scale)
-    print(" ".join(f"{k} {v:.3f}s" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    print(" ".join(f"{k} {v:.3f}s" if k in seconds else f"{k} {v}" for k, v in report.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -2,10 +2,11 @@
 
 Judged by the world's independent judges (OpenCV shapes, tesseract OCR) on prompts fixed here; a blank, noisy or
 wrong image fails. The full held-out evaluation is `glmimage eval world` (README); this is its small, fast cousin.
-The thresholds guard what the shipped model does (measured 2026-12-02: composition 0.81 on these prompts, 0.74–0.82
-over seeds 0–3, which is how far a change of the AR's random draws alone moves it; letter strokes OCR reads as text
-for 8/8 words with no word whole; 6/6 recolour edits that keep the image and change the object), not the issue's
-targets, which it does not meet yet (README); raise them as the model improves.
+The thresholds guard what the shipped model does (measured 2026-12-02, guidance 1.5 and AR temperature 0.5, the
+sampling defaults then: composition 0.81 on these prompts, 0.74–0.82 over seeds 0–3, which is how far a change of
+the AR's random draws alone moves it; letter strokes OCR reads as text for 8/8 words with no word whole; 6/6
+recolour edits that keep the image and change the object), not the issue's targets, which it does not meet yet
+(README); raise them as the model improves.
 """
 from __future__ import annotations
 
