@@ -2,11 +2,11 @@
 
 Judged by the world's independent judges (OpenCV shapes, tesseract OCR) on prompts fixed here; a blank, noisy or
 wrong image fails. The full held-out evaluation is `glmimage eval world` (README); this is its small, fast cousin.
-The thresholds guard what the shipped model does (measured 2026-12-02, guidance 1.5 and AR temperature 0.5, the
-sampling defaults then: composition 0.81 on these prompts, 0.74–0.82 over seeds 0–3, which is how far a change of
-the AR's random draws alone moves it; letter strokes OCR reads as text for 8/8 words with no word whole; 6/6
-recolour edits that keep the image and change the object), not the issue's targets, which it does not meet yet
-(README); raise them as the model improves.
+The thresholds guard what the shipped model does (measured 2026-12-03 with its defaults, guidance 3 and AR
+temperature 0.15: composition 0.82 on these prompts, 0.82–0.85 over seeds 0–2, which is how far a change of the
+AR's random draws alone moves it; letter strokes OCR reads as text for 8/8 words, mean edit distance 0.53, no word
+whole; 6/6 recolour edits that keep the image and change the object), not the issue's targets, which it does not
+meet yet (README); raise them as the model improves.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_draws_shapes_where_and_as_asked(pipe):
     results = [stated(p, judge_composition(im, scene)) for (p, scene), im in zip(items, images)]
     acc = composition_accuracy(results)
     headline = np.mean([acc[k] for k in ("object", "colour", "count", "position")])
-    assert headline >= 0.7, (acc, [p for p, _ in items])
+    assert headline >= 0.75, (acc, [p for p, _ in items])
 
 
 def test_writes_text_where_asked(pipe):
@@ -66,7 +66,7 @@ def test_writes_text_where_asked(pipe):
     images = pipe([p for p, _ in items], seed=0, progress=False).images
     reads = [r for (_, scene), im in zip(items, images) for r in judge_text(im, scene)]
     assert sum(bool(r["read"].strip()) for r in reads) >= 6, reads
-    assert np.mean([r["ned"] for r in reads]) <= 0.97, reads
+    assert np.mean([r["ned"] for r in reads]) <= 0.8, reads
 
 
 def test_edits_an_image(pipe):

@@ -55,7 +55,8 @@ class ModelConfig:
         if self.vq.codebook_size != self.dit.codebook_size:
             raise ValueError(f"visual codebook {self.vq.codebook_size} != DiT prior codebook {self.dit.codebook_size}")
         if self.dit.in_channels != self.vae["latent_channels"]:
-            raise ValueError(f"DiT in_channels {self.dit.in_channels} != VAE latent channels {self.vae['latent_channels']}")
+            raise ValueError(f"DiT in_channels {self.dit.in_channels} != VAE latent channels "
+                             f"{self.vae['latent_channels']}")
         if self.dit.glyph_dim != self.glyph["d_model"]:
             raise ValueError(f"DiT glyph_dim {self.dit.glyph_dim} != glyph encoder d_model {self.glyph['d_model']}")
 
