@@ -18,7 +18,7 @@ from PIL import Image
 
 import glmimage
 from glmimage.checkpoint import EMBEDDED
-from glmimage.eval.world import stated
+from glmimage.eval.world import HEADLINE, stated
 from glmimage.cli import main as cli
 from glmimage.world import caption, sample_edit, sample_scene
 from glmimage.world.judges import composition_accuracy, edit_success, judge_composition, judge_text
@@ -55,7 +55,7 @@ def test_draws_shapes_where_and_as_asked(pipe):
     images = pipe([p for p, _ in items], seed=0, progress=False).images
     results = [stated(p, judge_composition(im, scene)) for (p, scene), im in zip(items, images)]
     acc = composition_accuracy(results)
-    headline = np.mean([acc[k] for k in ("object", "colour", "count", "position")])
+    headline = np.mean([acc[k] for k in HEADLINE])
     assert headline >= 0.75, (acc, [p for p, _ in items])
 
 
