@@ -355,3 +355,32 @@ def test_nucleus_from_candidates_is_the_nucleus_of_the_full_sort(scale):
                             generator=[torch.Generator().manual_seed(s), torch.Generator().manual_seed(99)])[0].item()
                for s in range(20)]
     assert alone == batched
+
+
+def test_dit_glyph_canvas_is_read_by_the_conditional_rows_only():
+    """canvas_patch > 0 (the world model): the canvas enters through a zero-initialised embedder (a trained DiT
+    without one is unchanged by it), and rows whose conditions are dropped never see it."""
+    from glmimage.dit.model import DiT, fill_zero_params
+
+    cfg = preset("world").dit
+    assert cfg.canvas_patch == 8 and preset("glm-image").dit.canvas_patch == 0
+    torch.manual_seed(0)
+    dit = DiT(cfg)
+    dit.initialize_weights()
+    fill_zero_params(dit)
+    with torch.no_grad():
+        dit.canvas_embedder.weight.zero_()
+    b = 2
+    x, t = torch.randn(b, cfg.in_channels, 16, 16), torch.tensor([500.0, 500.0])
+    kw = dict(prior_ids=torch.randint(0, 100, (b, 64)), prior_drop=torch.tensor([False, True]),
+              glyph=torch.randn(b, 3, cfg.glyph_dim), target_size=torch.tensor([[64.0, 64.0]] * b))
+    canvas = torch.rand(b, 1, 64, 64)
+    plain = dit(x, t, **kw)
+    assert torch.equal(dit(x, t, **kw, canvas=canvas), plain)  # zero embedder: no effect
+    with torch.no_grad():
+        dit.canvas_embedder.weight.normal_(0, 0.1)
+    seen = dit(x, t, **kw, canvas=canvas)
+    assert (seen[0] - plain[0]).abs().max() > 1e-3  # the conditional row reads it
+    torch.testing.assert_close(seen[1], plain[1])  # the dropped row does not
+    with pytest.raises(ValueError, match="canvas must be"):
+        dit(x, t, **kw, canvas=torch.rand(b, 1, 32, 32))

@@ -314,7 +314,9 @@ def test_stage_continues_from_the_embedded_model(run_dir, tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     shipped, got = load_file(str(EMBEDDED / "model.safetensors")), load_file(str(out / "dit" / "dit.safetensors"))
-    assert got and all(torch.equal(v, shipped[f"dit.{k}"].float()) for k, v in got.items())
+    # a model from before the glyph canvas has no canvas_embedder: it starts at zero (a DiT without a canvas)
+    assert got and all(torch.equal(v, shipped[f"dit.{k}"].float()) if f"dit.{k}" in shipped else
+                       k == "canvas_embedder.weight" and not v.any() for k, v in got.items())
     (tmp_path / "world").mkdir()
     assert model_folder("world") == Path("world")
 

@@ -367,3 +367,33 @@ def test_text_scores():
     assert judges.composition_accuracy([{"count": True}, {"count": False, "relation": True}]) == {
         "count": 0.5, "relation": 1.0}
     assert judges.read_text(Image.new("RGB", (64, 64), (255, 255, 255))) == ""
+
+
+def test_glyph_canvas_is_laid_out_from_the_plan_as_the_scene_draws_it():
+    """The world model's glyph canvas: inference reads the text row and font off the semantic ids (right for every
+    text scene) and draws the prompt's quoted text there, where the training canvas (the scene graph's) has it."""
+    from glmimage.train.data import token_codes
+    from glmimage.world.canvas import plan_canvas, plan_layout, scene_canvas
+
+    n = 0
+    for i in range(120):
+        scene = sample_scene(random.Random(i), split="heldout" if i % 2 else "train")
+        if not scene.texts:
+            assert plan_layout(token_codes(scene, 4)) is None
+            continue
+        n += 1
+        text, prompt = scene.texts[0], all_captions(scene)[0]
+        ids = token_codes(scene, 4)
+        assert plan_layout(ids) == (text.row, text.font)
+        truth, planned = scene_canvas(scene, prompt, 64), plan_canvas(prompt, ids, 64, 64)
+        assert truth.max() > 0.9 and planned.max() > 0.9
+        # the same word in the same place, up to the scene's offset of at most 1.3 px
+        ink = lambda m: np.argwhere(m > 0.5).mean(0)  # noqa: E731
+        assert np.abs(ink(truth) - ink(planned)).max() < 2.0
+        assert np.abs((truth > 0.5).sum() - (planned > 0.5).sum()) < 0.2 * (truth > 0.5).sum()
+        # no quoted text in the prompt, or a non-square image: no canvas
+        assert not scene_canvas(scene, "a sign", 64).any() and not plan_canvas("a sign", ids, 64, 64).any()
+        assert not plan_canvas(prompt, ids, 64, 96).any()
+    assert n >= 20
+    with pytest.raises(ValueError, match="square grid"):
+        plan_layout(np.zeros(15, np.int64))

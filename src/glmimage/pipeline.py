@@ -396,11 +396,17 @@ class Pipeline:
             cond_kv = self.dit.condition_kv(lat, [upsample_ids(ids[None].to(dev)) for ids in cond_ids],
                                             [(im.height, im.width) for im in cond_images])
         neg = self.glyph.encode([negative_prompt] * b) if guidance > 1.0 else (None, None)
+        canvas = None
+        if self.cfg.dit.canvas_patch:  # the world model's glyph canvas, laid out from the plan
+            from glmimage.world.canvas import plan_canvas
+
+            canvas = torch.from_numpy(np.stack([plan_canvas(p, ids.cpu().numpy(), height, width)
+                                                for p, ids in zip(prompts, grid)]))[:, None].to(dev, self.dtype)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
             return dsample.generate_latents(self.dit, noise, prior=prior, glyph=glyph, glyph_mask=glyph_mask,
                                             size=(height, width), steps=steps, guidance=guidance,
                                             schedule=self.cfg.schedule, neg_glyph=neg[0], neg_mask=neg[1],
-                                            cond_kv=cond_kv, dtype=self.dtype, progress=bar)
+                                            cond_kv=cond_kv, canvas=canvas, dtype=self.dtype, progress=bar)
 
 
 def _generators(seed: int | list[int], device: torch.device) -> torch.Generator | list[torch.Generator]:

@@ -3,6 +3,8 @@
 Sequence = [glyph tokens ; image patches]. One set of attention/MLP weights serves both streams, but each stream has
 its own adaLN-Zero modulation; queries and keys get a non-affine LayerNorm; 2D RoPE touches image patches only.
 Prior ids (one per patch, the AR grid upsampled ×2) are embedded, projected and *added* to the patch embeddings.
+World model only (`canvas_patch` > 0): a glyph canvas (the quoted text drawn as a mask where the plan puts it) is
+embedded per patch and added too; rows whose conditions are dropped get none.
 Image-to-image: each condition image is run once at t=0 and its per-layer keys/values are prepended to the
 conditional pass (`condition_kv`), so target and glyph tokens attend to it but it never attends to them.
 Architecture only: the sampler and CFG live in dit/sample.py.
@@ -32,6 +34,9 @@ class DiTConfig:
     condition_dim: int = 256  # sinusoid width of each size/crop coordinate
     codebook_size: int = 16384
     rope_theta: float = 10000.0
+    # > 0: the DiT also reads a glyph canvas (world/canvas.py), canvas_patch × canvas_patch of its pixels per patch,
+    # added to the patch embeddings through a linear layer without bias. Not in the official model (0).
+    canvas_patch: int = 0
 
     @property
     def dim(self) -> int:
@@ -127,20 +132,25 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_adaLN = nn.Linear(cfg.time_embed_dim, 2 * d)
         self.final_layer = nn.Linear(d, p * p * cfg.in_channels)
+        if cfg.canvas_patch:
+            self.canvas_embedder = nn.Linear(cfg.canvas_patch ** 2, d, bias=False)
 
     def initialize_weights(self) -> None:
         """Training init (DiT): Xavier linears, zero adaLN gates and output layer so every block starts as identity."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.normal_(self.prior_embedding.weight, std=0.02)
         for blk in self.blocks:
             nn.init.zeros_(blk.adaLN_modulation.weight)
         nn.init.zeros_(self.final_adaLN.weight)
         nn.init.zeros_(self.final_layer.weight)
+        if self.cfg.canvas_patch:
+            nn.init.zeros_(self.canvas_embedder.weight)  # a model without a canvas until it learns to read one
 
-    def _embed(self, x, t, prior_ids, prior_drop, glyph, target_size, crop):
+    def _embed(self, x, t, prior_ids, prior_drop, glyph, target_size, crop, canvas=None):
         b, _, hh, ww = x.shape
         p = self.cfg.patch_size
         h, w = hh // p, ww // p
@@ -148,6 +158,13 @@ class DiT(nn.Module):
         dtype = self.prior_embedding.weight.dtype  # the model's dtype (linear weights may be int8)
         prior = self.prior_embedding(prior_ids) * (~prior_drop).to(dtype)[:, None, None]  # dropped rows -> 0
         x = self.x_embedder(patches.to(dtype)) + self.prior_projector(prior)
+        if canvas is not None and self.cfg.canvas_patch:
+            k = self.cfg.canvas_patch
+            if canvas.shape[-2:] != (h * k, w * k):
+                raise ValueError(f"canvas must be (B, 1, {h * k}, {w * k}) for {h}×{w} patches, "
+                                 f"got {tuple(canvas.shape)}")
+            cells = canvas.reshape(b, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(b, h * w, k * k)
+            x = x + self.canvas_embedder(cells.to(dtype)) * (~prior_drop).to(dtype)[:, None, None]
         c = self.glyph_embedder(glyph.to(x.dtype))
         temb = self.t_embedder(t, target_size, crop, x.dtype)
         rope = rope_2d_cos_sin(h, w, self.cfg.head_dim, theta=self.cfg.rope_theta, device=x.device)
@@ -156,18 +173,20 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, prior_ids: torch.Tensor, prior_drop: torch.Tensor,
                 glyph: torch.Tensor, target_size: torch.Tensor, crop: torch.Tensor | None = None,
                 glyph_mask: torch.Tensor | None = None, cond_kv: list[KV] | None = None,
-                use_cond: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                use_cond: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                canvas: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity prediction.
 
         x: (B, C, H, W) latents; t: (B,) raw timesteps; prior_ids: (B, H/p * W/p); prior_drop: (B,) bool;
         glyph: (B, L, glyph_dim); target_size, crop: (B, 2) pixels; glyph_mask: (B, L) bool (False = padding);
         cond_kv: per-layer condition-image K/V from `condition_kv`, read by rows where use_cond (B,) is True;
         attn_mask: the key mask from `attention_mask` when the caller built it once (sampling loops); then
-        glyph_mask and use_cond are not read -> (B, C, H, W).
+        glyph_mask and use_cond are not read; canvas: (B, 1, H/p·k, W/p·k) glyph canvas in [0, 1] with
+        k = canvas_patch (ignored when canvas_patch is 0) -> (B, C, H, W).
         """
         b = x.shape[0]
         crop = torch.zeros_like(target_size) if crop is None else crop
-        h_, c, temb, rope, (h, w) = self._embed(x, t, prior_ids, prior_drop, glyph, target_size, crop)
+        h_, c, temb, rope, (h, w) = self._embed(x, t, prior_ids, prior_drop, glyph, target_size, crop, canvas)
         if attn_mask is None:
             mask = self.attention_mask(glyph_mask if glyph_mask is not None else
                                        torch.ones(b, glyph.shape[1], dtype=torch.bool, device=x.device),

@@ -67,12 +67,14 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def generate_latents(dit, noise: torch.Tensor, *, prior: torch.Tensor, glyph: torch.Tensor, glyph_mask: torch.Tensor,
                      size: tuple[int, int], steps: int, guidance: float, schedule,
                      neg_glyph: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None,
-                     cond_kv: list | None = None, dtype: torch.dtype | None = None, progress=None) -> torch.Tensor:
+                     cond_kv: list | None = None, canvas: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                     progress=None) -> torch.Tensor:
     """The DiT's guided Euler sampling, shared by the pipeline and the training samples.
 
     noise: (B, C, h, w); prior: (B, N) ids; glyph: (B, L, D) with glyph_mask (B, L); size: (height, width) px;
     neg_glyph / neg_mask: the unconditional branch's glyph stream (needed when guidance > 1); cond_kv: condition
-    images' K/V, read by the conditional rows only; schedule: a ScheduleConfig -> latents (B, C, h, w) float32.
+    images' K/V, read by the conditional rows only; canvas: (B, 1, H, W) glyph canvas of a DiT with canvas_patch,
+    read by the conditional rows only; schedule: a ScheduleConfig -> latents (B, C, h, w) float32.
     Both guidance branches run as one batch [cond ; uncond]; the key mask is built once, not at every step.
     """
     b, dev = noise.shape[0], noise.device
@@ -85,6 +87,7 @@ def generate_latents(dit, noise: torch.Tensor, *, prior: torch.Tensor, glyph: to
             raise ValueError("guidance > 1 needs the unconditional glyph stream (neg_glyph, neg_mask)")
         glyph, glyph_mask = _pad_cat(glyph, neg_glyph), _pad_cat(glyph_mask, neg_mask)
         prior, size_t = torch.cat([prior, prior]), torch.cat([size_t, size_t])
+        canvas = None if canvas is None else torch.cat([canvas, canvas])  # the dropped rows' is zeroed in the DiT
         drop = torch.cat([drop, torch.ones(b, dtype=torch.bool, device=dev)])
     glyph = glyph.to(dtype)
     p = dit.cfg.patch_size
@@ -94,7 +97,7 @@ def generate_latents(dit, noise: torch.Tensor, *, prior: torch.Tensor, glyph: to
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xx, tt = (torch.cat([x, x]), torch.cat([t, t])) if use_cfg else (x, t)
         v = dit(xx.to(dtype), tt, prior_ids=prior, prior_drop=drop, glyph=glyph, target_size=size_t,
-                cond_kv=cond_kv, attn_mask=mask).float()
+                cond_kv=cond_kv, attn_mask=mask, canvas=canvas).float()
         return cfg_combine(*v.chunk(2), guidance) if use_cfg else v
 
     ts = timesteps(steps, schedule.num_train_timesteps)

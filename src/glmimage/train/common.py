@@ -166,9 +166,11 @@ def load_checkpoint(stage_dir: Path, models: dict[str, nn.Module], opt: torch.op
     return state
 
 
-def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -> None:
+def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module],
+              missing_ok: tuple[str, ...] = ()) -> None:
     """Load cfg.init's weights into models {component of the model folder: module}, in place. A no-op without
-    init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it."""
+    init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it.
+    missing_ok: parameter names (within a module) that the folder may lack; they keep their initial values."""
     if not cfg.init or (stage_dir / "ckpt" / "state.json").is_file():
         return
     weights = model_folder(cfg.init) / "model.safetensors"  # `world`: the embedded model
@@ -180,6 +182,8 @@ def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module]) -
         sd = {k[len(comp) + 1:]: v for k, v in flat.items() if k.startswith(comp + ".")}
         if comp == "glyph":
             _tie_t5(sd)
+        own = module.state_dict()
+        sd.update({k: own[k] for k in missing_ok if k in own and k not in sd})
         try:
             module.load_state_dict(sd, strict=True)  # copies in place: optimizer and EMA hold the same parameters
         except RuntimeError as e:

@@ -30,7 +30,8 @@ from glmimage.dit.model import DiT
 from glmimage.glyph import GlyphEncoder
 from glmimage.pipeline import to_pil, upsample_ids
 from glmimage.train import common as C
-from glmimage.train.data import N_BG, Dataset, factored_init_
+from glmimage.train.data import N_BG, Dataset, factored_init_, scene_graphs
+from glmimage.world.canvas import plan_canvas, scene_canvas
 
 MAX_GLYPH_POS = 64  # the glyph_aux head's classes: index 0 … 63 from either end (later positions share the last)
 
@@ -102,6 +103,10 @@ def main(cfg: DiTTrainConfig) -> Path:
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
     T = mcfg.schedule.num_train_timesteps
     with_text = [i for i, cs in enumerate(scenes["captions"]) if any('"' in c for c in cs)]
+    canvas_on = bool(mcfg.dit.canvas_patch)
+    if canvas_on:  # the glyph canvas is drawn from each row's scene graph (target scene of an edit)
+        graphs = scene_graphs(scenes)
+        targets = [e.target for e in scene_graphs(edits)]
 
     torch.manual_seed(cfg.seed)
     dit = DiT(mcfg.dit)
@@ -109,7 +114,8 @@ def main(cfg: DiTTrainConfig) -> Path:
     if cfg.factor_init:
         factored_init_(dit.prior_embedding.weight)
     glyph = GlyphEncoder(mcfg.glyph)
-    C.init_from(cfg, out, {"dit": dit, "glyph": glyph.encoder})
+    # a model from before the glyph canvas starts without one: its canvas_embedder stays at zero
+    C.init_from(cfg, out, {"dit": dit, "glyph": glyph.encoder}, missing_ok=("canvas_embedder.weight",))
     dit.train(), glyph.train()
     ema_dit, ema_glyph = copy.deepcopy(dit).eval(), copy.deepcopy(glyph).eval()
     for p in list(ema_dit.parameters()) + list(ema_glyph.parameters()):
@@ -164,13 +170,18 @@ def main(cfg: DiTTrainConfig) -> Path:
         target = noise - x0
         size_t = torch.tensor([[size, size]] * n, dtype=torch.float32)
         src = src_prior = None
+        canvas = None
+        if canvas_on:
+            rows = [(targets if is_edit else graphs)[i] for i in idx]
+            canvas = torch.from_numpy(np.stack([scene_canvas(sc, text, size) for sc, text in zip(rows, texts)]))
+            canvas = canvas[:, None]
         if is_edit:
             src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
             src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))
         for group in opt.param_groups:
             group["lr"] = lr
         with C.autocast(cfg.bf16):
-            v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior)
+            v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior, canvas)
         aux_loss = aux_sum * d.world / n_glyph  # this slice's share of the global mean (DDP averages gradients)
         err = (v.float() - target).pow(2)
         if cfg.fg_weight and step >= cfg.fg_from_step:
@@ -232,12 +243,12 @@ class Step(nn.Module):
         super().__init__()
         self.dit, self.glyph, self.aux = dit, glyph, aux
 
-    def forward(self, xt, t, prior, drop, texts, size_t, src=None, src_prior=None):
+    def forward(self, xt, t, prior, drop, texts, size_t, src=None, src_prior=None, canvas=None):
         gl, gmask = self.glyph(texts)
         aux = glyph_position_loss(self.glyph, self.aux, gl, texts)
         cond_kv = None if src is None else self.dit.condition_kv_batched(src, src_prior, size_t)
         v = self.dit(xt, t, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
-                     cond_kv=cond_kv, use_cond=~drop if src is not None else None)
+                     cond_kv=cond_kv, use_cond=~drop if src is not None else None, canvas=canvas)
         return v, aux
 
 
@@ -252,14 +263,19 @@ def glyph_position_loss(glyph: GlyphEncoder, head: nn.Linear, gl: torch.Tensor, 
 
 @torch.no_grad()
 def sample_latents(dit: DiT, glyph: GlyphEncoder, prior: torch.Tensor, prompts: list[str], mcfg, size: int,
-                   steps: int, guidance: float, seed: int = 0) -> torch.Tensor:
-    """The pipeline's sampler from given prior ids (B, N) and prompts -> latents (B, C, h, w)."""
+                   steps: int, guidance: float, seed: int = 0, ids: np.ndarray | None = None) -> torch.Tensor:
+    """The pipeline's sampler from given prior ids (B, N) and prompts -> latents (B, C, h, w). ids: the target grids
+    (B, grid²) the glyph canvas is laid out from, as the pipeline does, when the DiT reads one."""
     b, f = prior.shape[0], mcfg.vae_factor
     noise = torch.randn(b, mcfg.dit.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
     gl, gm = glyph.encode(list(prompts))
     neg, nm = glyph.encode([""] * b)
+    canvas = None
+    if dit.cfg.canvas_patch and ids is not None:
+        canvas = torch.from_numpy(np.stack([plan_canvas(p, i, size, size) for p, i in zip(prompts, ids)]))[:, None]
     return dsample.generate_latents(dit, noise, prior=prior, glyph=gl, glyph_mask=gm, size=(size, size), steps=steps,
-                                    guidance=guidance, schedule=mcfg.schedule, neg_glyph=neg, neg_mask=nm)
+                                    guidance=guidance, schedule=mcfg.schedule, neg_glyph=neg, neg_mask=nm,
+                                    canvas=canvas)
 
 
 @torch.no_grad()
@@ -270,7 +286,8 @@ def _samples(dit, glyph, vae, scenes, lat, ids, mcfg, cfg, path: Path) -> None:
     (th, tw), _ = mcfg.grids(size, size)
     prior = upsample_ids(torch.from_numpy(ids[:n].astype(np.int64)).view(n, th, tw))
     prompts = [scenes["captions"][i][0] for i in range(n)]
-    z = sample_latents(dit, glyph, prior, prompts, mcfg, size, cfg.sample_steps, cfg.sample_guidance)
+    z = sample_latents(dit, glyph, prior, prompts, mcfg, size, cfg.sample_steps, cfg.sample_guidance,
+                       ids=ids[:n].astype(np.int64))
     real = [np.asarray(im) for im in scenes["images"][:n]]
     ceiling = [np.asarray(im) for im in to_pil(vae.decode(torch.from_numpy(np.array(lat[:n], dtype=np.float32))))]
     sampled = [np.asarray(im) for im in to_pil(vae.decode(z))]
