@@ -282,8 +282,14 @@ class Trainee(nn.Module):
             src_prior = upsample_ids(torch.stack([r["src_ids"] for r in rows]).long().view(b, sh, sw)).to(dev)
             src_size = torch.stack([r["src_size"] for r in rows]).float().to(dev)
             cond_kv, use_cond = self.dit.condition_kv_batched(src, src_prior, src_size), ~drop
+        canvas = None
+        if self.dit.cfg.canvas_patch:  # the world model's glyph canvas, laid out from the ids as inference does
+            from glmimage.world.canvas import plan_canvas
+
+            canvas = torch.from_numpy(np.stack([plan_canvas(r["caption"], r["ids"].numpy(), h, w) for r in rows]))
+            canvas = canvas[:, None].to(dev)
         v = self.dit(xt, u * self.mcfg.schedule.num_train_timesteps - 1, prior_ids=prior, prior_drop=drop, glyph=gl,
-                     target_size=size, glyph_mask=gm, cond_kv=cond_kv, use_cond=use_cond)
+                     target_size=size, glyph_mask=gm, cond_kv=cond_kv, use_cond=use_cond, canvas=canvas)
         return (v.float() - (noise - x0)).pow(2).mean()
 
 
