@@ -394,6 +394,7 @@ def test_glyph_canvas_is_laid_out_from_the_plan_as_the_scene_draws_it():
         # no quoted text in the prompt, or a non-square image: no canvas
         assert not scene_canvas(scene, "a sign", 64).any() and not plan_canvas("a sign", ids, 64, 64).any()
         assert not plan_canvas(prompt, ids, 64, 96).any()
+        assert not plan_canvas(prompt, np.zeros(24, np.int64), 64, 96).any()  # a 4×6 grid of a 64×96 image
     assert n >= 20
     with pytest.raises(ValueError, match="square grid"):
         plan_layout(np.zeros(15, np.int64))

@@ -63,8 +63,8 @@ def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int) -> np.nda
     -> (height, width) float32. Empty when the prompt quotes nothing, the plan has no text or the image is not
     square (the world's renderer lays text out on square images only)."""
     texts = [t for t in extract_glyph_texts(prompt) if t.strip() and '"' not in t]
-    layout = plan_layout(ids)
-    if not texts or layout is None or height != width:
+    layout = plan_layout(ids) if texts and height == width else None
+    if layout is None:
         return np.zeros((height, width), np.float32)
     row, font = layout
     return text_mask([Text(text=texts[0], font=font, color="white", row=row)], height)
