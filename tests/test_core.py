@@ -357,24 +357,28 @@ def test_nucleus_from_candidates_is_the_nucleus_of_the_full_sort(scale):
     assert alone == batched
 
 
-def test_dit_glyph_canvas_is_read_by_the_conditional_rows_only():
-    """canvas_patch > 0 (the world model): the canvas enters through a zero-initialised embedder (a trained DiT
-    without one is unchanged by it), and rows whose conditions are dropped never see it."""
+def test_dit_canvas_is_read_by_the_conditional_rows_only():
+    """canvas_patch > 0 (the world model): the canvas (text, shapes) enters through a zero-initialised embedder (a
+    trained DiT without one is unchanged by it), rows whose conditions are dropped never see it, and a one-channel
+    embedder is the first columns of a two-channel one (how a text-only model grows the shape channel)."""
+    from dataclasses import replace
+
     from glmimage.dit.model import DiT, fill_zero_params
 
     cfg = preset("world").dit
-    assert cfg.canvas_patch == 8 and preset("glm-image").dit.canvas_patch == 0
+    assert (cfg.canvas_patch, cfg.canvas_channels) == (8, 2) and preset("glm-image").dit.canvas_patch == 0
     torch.manual_seed(0)
     dit = DiT(cfg)
     dit.initialize_weights()
-    fill_zero_params(dit)
+    assert dit.canvas_embedder.weight.shape == (cfg.dim, 2 * 64) and not dit.canvas_embedder.weight.any()
+    fill_zero_params(dit)  # the other zero-initialised layers (adaLN, output) get values, or every output is 0
     with torch.no_grad():
         dit.canvas_embedder.weight.zero_()
     b = 2
     x, t = torch.randn(b, cfg.in_channels, 16, 16), torch.tensor([500.0, 500.0])
     kw = dict(prior_ids=torch.randint(0, 100, (b, 64)), prior_drop=torch.tensor([False, True]),
               glyph=torch.randn(b, 3, cfg.glyph_dim), target_size=torch.tensor([[64.0, 64.0]] * b))
-    canvas = torch.rand(b, 1, 64, 64)
+    canvas = torch.rand(b, 2, 64, 64)
     plain = dit(x, t, **kw)
     assert torch.equal(dit(x, t, **kw, canvas=canvas), plain)  # zero embedder: no effect
     with torch.no_grad():
@@ -382,5 +386,16 @@ def test_dit_glyph_canvas_is_read_by_the_conditional_rows_only():
     seen = dit(x, t, **kw, canvas=canvas)
     assert (seen[0] - plain[0]).abs().max() > 1e-3  # the conditional row reads it
     torch.testing.assert_close(seen[1], plain[1])  # the dropped row does not
+    other = canvas.clone()
+    other[:, 1] = torch.rand(b, 64, 64)
+    assert (dit(x, t, **kw, canvas=other)[0] - seen[0]).abs().max() > 1e-3  # the shape channel is read
+    with pytest.raises(ValueError, match=r"canvas must be \(B, 2, 64, 64\)"):
+        dit(x, t, **kw, canvas=torch.rand(b, 1, 64, 64))
     with pytest.raises(ValueError, match="canvas must be"):
-        dit(x, t, **kw, canvas=torch.rand(b, 1, 32, 32))
+        dit(x, t, **kw, canvas=torch.rand(b, 2, 32, 32))
+
+    one = DiT(replace(cfg, canvas_channels=1))
+    one.load_state_dict({**dit.state_dict(), "canvas_embedder.weight": dit.canvas_embedder.weight[:, :64]})
+    with torch.no_grad():
+        dit.canvas_embedder.weight[:, 64:] = 0
+    torch.testing.assert_close(one(x, t, **kw, canvas=canvas[:, :1]), dit(x, t, **kw, canvas=canvas))

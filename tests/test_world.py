@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import glmimage.world.render as render_mod
@@ -385,7 +386,7 @@ def test_glyph_canvas_is_laid_out_from_the_plan_as_the_scene_draws_it():
         text, prompt = scene.texts[0], all_captions(scene)[0]
         ids = token_codes(scene, 4)
         assert plan_layout(ids) == (text.row, text.font)
-        truth, planned = scene_canvas(scene, prompt, 64), plan_canvas(prompt, ids, 64, 64)
+        truth, planned = scene_canvas(scene, prompt, 64)[0], plan_canvas(prompt, ids, 64, 64)[0]
         assert truth.max() > 0.9 and planned.max() > 0.9
         # the same word in the same place, up to the scene's offset of at most 1.3 px
         ink = lambda m: np.argwhere(m > 0.5).mean(0)  # noqa: E731
@@ -398,3 +399,37 @@ def test_glyph_canvas_is_laid_out_from_the_plan_as_the_scene_draws_it():
     assert n >= 20
     with pytest.raises(ValueError, match="square grid"):
         plan_layout(np.zeros(15, np.int64))
+
+
+def test_shape_canvas_is_decoded_from_the_plan_where_the_scene_draws_it():
+    """The canvas's second channel: the shapes the semantic ids name, each in the cell whose centre the ids give,
+    for every sampled scene but a rare one where text or another shape holds a centre's token; its silhouettes
+    cover the scene's own (the size is mostly not in a 4×4 grid of ids: it is the one that fits them best)."""
+    from glmimage.train.data import token_codes
+    from glmimage.world.canvas import plan_canvas, plan_canvases, plan_shapes, scene_canvas
+
+    key = lambda shapes: sorted((s.shape, s.color, s.cell) for s in shapes)  # noqa: E731
+    n, exact, overlap = 300, 0, []
+    prompts, grids = [], []
+    for i in range(n):
+        scene = sample_scene(random.Random(i), split="heldout" if i % 2 else "train")
+        ids, prompt = token_codes(scene, 4), all_captions(scene)[0]
+        exact += key(plan_shapes(ids)) == key(scene.shapes)
+        truth, planned = scene_canvas(scene, prompt, 64, 2), plan_canvas(prompt, ids, 64, 64, 2)
+        assert truth.shape == planned.shape == (2, 64, 64)
+        np.testing.assert_array_equal(truth[0], scene_canvas(scene, prompt, 64)[0])  # channel 0: the text
+        a, b = truth[1] > 0.5, planned[1] > 0.5
+        assert a.any() == bool(scene.shapes) and b.any() == bool(scene.shapes)
+        if scene.shapes:
+            overlap.append((a & b).sum() / (a | b).sum())
+        prompts.append(prompt)
+        grids.append(ids)
+    assert exact >= 0.99 * n
+    assert np.mean(overlap) > 0.7 and np.percentile(overlap, 10) > 0.4
+    batch = plan_canvases(prompts[:3], np.stack(grids[:3]), 64, 64, 2)
+    assert batch.shape == (3, 2, 64, 64) and torch.equal(batch[1], torch.from_numpy(plan_canvas(prompts[1],
+                                                                                                 grids[1], 64, 64, 2)))
+    with pytest.raises(ValueError, match="channels"):
+        plan_canvas(prompts[0], grids[0], 64, 64, 3)
+    with pytest.raises(ValueError, match="prompts"):
+        plan_canvases(prompts[:2], np.stack(grids[:3]), 64, 64, 2)

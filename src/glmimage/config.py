@@ -115,8 +115,8 @@ def _debug() -> ModelConfig:
 def _world() -> ModelConfig:
     """The embedded model (README "World model geometry"): 64 px images, AR grid 4×4 (+2×2 preview) at 16 px per id
     (the tokenizer reads full resolution: its objects are 12–17 px), VAE 4× down to 16×16×8 latents, DiT patch 2 ->
-    8×8 image tokens (8 px each), which also read the glyph canvas (world/canvas.py); prompts in a 512-merge BPE
-    trained on the world's captions (train/ar.py)."""
+    8×8 image tokens (8 px each), which also read the canvas of the plan's text and shapes (world/canvas.py);
+    prompts in a 512-merge BPE trained on the world's captions (train/ar.py)."""
     codebook = 1456  # the world's 1452 semantic codes (train/data.py token_codes), rounded up to a multiple of 16
     return ModelConfig(
         ar=ARConfig(vocab_size=codebook + 6 + 256 + 512, vision_vocab_size=codebook, dim=256, n_layers=6, n_heads=4,
@@ -124,7 +124,8 @@ def _world() -> ModelConfig:
         vq=VQConfig(dim=128, n_layers=6, n_heads=4, intermediate_size=512, patch_size=16, pos_grid=8, downsample=1,
                     codebook_size=codebook, code_dim=32, min_pixels=64 * 64, max_pixels=256 * 256),
         dit=DiTConfig(in_channels=8, patch_size=2, n_layers=6, n_heads=4, head_dim=64, glyph_dim=128,
-                      time_embed_dim=96, condition_dim=32, codebook_size=codebook, canvas_patch=8),
+                      time_embed_dim=96, condition_dim=32, codebook_size=codebook, canvas_patch=8,
+                      canvas_channels=2),
         glyph=dict(vocab_size=384, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                    relative_attention_max_distance=64, dropout_rate=0.0, tie_word_embeddings=False),

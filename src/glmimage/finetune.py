@@ -283,11 +283,11 @@ class Trainee(nn.Module):
             src_size = torch.stack([r["src_size"] for r in rows]).float().to(dev)
             cond_kv, use_cond = self.dit.condition_kv_batched(src, src_prior, src_size), ~drop
         canvas = None
-        if self.dit.cfg.canvas_patch:  # the world model's glyph canvas, laid out from the ids as inference does
-            from glmimage.world.canvas import plan_canvas
+        if self.dit.cfg.canvas_patch:  # the world model's canvas, laid out from the ids as inference does
+            from glmimage.world.canvas import plan_canvases
 
-            canvas = torch.from_numpy(np.stack([plan_canvas(r["caption"], r["ids"].numpy(), h, w) for r in rows]))
-            canvas = canvas[:, None].to(dev)
+            canvas = plan_canvases([r["caption"] for r in rows], [r["ids"].numpy() for r in rows], h, w,
+                                   self.dit.cfg.canvas_channels).to(dev)
         v = self.dit(xt, u * self.mcfg.schedule.num_train_timesteps - 1, prior_ids=prior, prior_drop=drop, glyph=gl,
                      target_size=size, glyph_mask=gm, cond_kv=cond_kv, use_cond=use_cond, canvas=canvas)
         return (v.float() - (noise - x0)).pow(2).mean()

@@ -397,11 +397,10 @@ class Pipeline:
                                             [(im.height, im.width) for im in cond_images])
         neg = self.glyph.encode([negative_prompt] * b) if guidance > 1.0 else (None, None)
         canvas = None
-        if self.cfg.dit.canvas_patch:  # the world model's glyph canvas, laid out from the plan
-            from glmimage.world.canvas import plan_canvas
+        if self.cfg.dit.canvas_patch:  # the world model's canvas, laid out from the plan
+            from glmimage.world.canvas import plan_canvases
 
-            canvas = torch.from_numpy(np.stack([plan_canvas(p, ids.cpu().numpy(), height, width)
-                                                for p, ids in zip(prompts, grid)]))[:, None].to(dev, self.dtype)
+            canvas = plan_canvases(prompts, grid, height, width, self.cfg.dit.canvas_channels).to(dev, self.dtype)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
             return dsample.generate_latents(self.dit, noise, prior=prior, glyph=glyph, glyph_mask=glyph_mask,
                                             size=(height, width), steps=steps, guidance=guidance,

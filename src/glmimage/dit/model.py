@@ -3,8 +3,8 @@
 Sequence = [glyph tokens ; image patches]. One set of attention/MLP weights serves both streams, but each stream has
 its own adaLN-Zero modulation; queries and keys get a non-affine LayerNorm; 2D RoPE touches image patches only.
 Prior ids (one per patch, the AR grid upsampled ×2) are embedded, projected and *added* to the patch embeddings.
-World model only (`canvas_patch` > 0): a glyph canvas (the quoted text drawn as a mask where the plan puts it) is
-embedded per patch and added too; rows whose conditions are dropped get none.
+World model only (`canvas_patch` > 0): a canvas (the plan's quoted text, and its shapes with canvas_channels=2,
+drawn as masks) is embedded per patch and added too; rows whose conditions are dropped get none.
 Image-to-image: each condition image is run once at t=0 and its per-layer keys/values are prepended to the
 conditional pass (`condition_kv`), so target and glyph tokens attend to it but it never attends to them.
 Architecture only: the sampler and CFG live in dit/sample.py.
@@ -34,9 +34,11 @@ class DiTConfig:
     condition_dim: int = 256  # sinusoid width of each size/crop coordinate
     codebook_size: int = 16384
     rope_theta: float = 10000.0
-    # > 0: the DiT also reads a glyph canvas (world/canvas.py), canvas_patch × canvas_patch of its pixels per patch,
-    # added to the patch embeddings through a linear layer without bias. Not in the official model (0).
+    # > 0: the DiT also reads a canvas (world/canvas.py: the plan's text, then its shapes, drawn as masks),
+    # canvas_channels × canvas_patch × canvas_patch of its pixels per patch, added to the patch embeddings through a
+    # linear layer without bias. Not in the official model (0).
     canvas_patch: int = 0
+    canvas_channels: int = 1
 
     @property
     def dim(self) -> int:
@@ -133,7 +135,7 @@ class DiT(nn.Module):
         self.final_adaLN = nn.Linear(cfg.time_embed_dim, 2 * d)
         self.final_layer = nn.Linear(d, p * p * cfg.in_channels)
         if cfg.canvas_patch:
-            self.canvas_embedder = nn.Linear(cfg.canvas_patch ** 2, d, bias=False)
+            self.canvas_embedder = nn.Linear(cfg.canvas_channels * cfg.canvas_patch ** 2, d, bias=False)
 
     def initialize_weights(self) -> None:
         """Training init (DiT): Xavier linears, zero adaLN gates and output layer so every block starts as identity."""
@@ -159,11 +161,12 @@ class DiT(nn.Module):
         prior = self.prior_embedding(prior_ids) * (~prior_drop).to(dtype)[:, None, None]  # dropped rows -> 0
         x = self.x_embedder(patches.to(dtype)) + self.prior_projector(prior)
         if canvas is not None and self.cfg.canvas_patch:
-            k = self.cfg.canvas_patch
-            if canvas.shape[-2:] != (h * k, w * k):
-                raise ValueError(f"canvas must be (B, 1, {h * k}, {w * k}) for {h}×{w} patches, "
+            k, ch = self.cfg.canvas_patch, self.cfg.canvas_channels
+            if canvas.shape[1:] != (ch, h * k, w * k):
+                raise ValueError(f"canvas must be (B, {ch}, {h * k}, {w * k}) for {h}×{w} patches, "
                                  f"got {tuple(canvas.shape)}")
-            cells = canvas.reshape(b, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(b, h * w, k * k)
+            # each patch's cell, channel-major (the first k² columns of the embedder read channel 0)
+            cells = canvas.reshape(b, ch, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, ch * k * k)
             x = x + self.canvas_embedder(cells.to(dtype)) * (~prior_drop).to(dtype)[:, None, None]
         c = self.glyph_embedder(glyph.to(x.dtype))
         temb = self.t_embedder(t, target_size, crop, x.dtype)
@@ -181,8 +184,8 @@ class DiT(nn.Module):
         glyph: (B, L, glyph_dim); target_size, crop: (B, 2) pixels; glyph_mask: (B, L) bool (False = padding);
         cond_kv: per-layer condition-image K/V from `condition_kv`, read by rows where use_cond (B,) is True;
         attn_mask: the key mask from `attention_mask` when the caller built it once (sampling loops); then
-        glyph_mask and use_cond are not read; canvas: (B, 1, H/p·k, W/p·k) glyph canvas in [0, 1] with
-        k = canvas_patch (ignored when canvas_patch is 0) -> (B, C, H, W).
+        glyph_mask and use_cond are not read; canvas: (B, canvas_channels, H/p·k, W/p·k) in [0, 1] with
+        k = canvas_patch (world/canvas.py; ignored when canvas_patch is 0) -> (B, C, H, W).
         """
         b = x.shape[0]
         crop = torch.zeros_like(target_size) if crop is None else crop

@@ -73,7 +73,7 @@ def generate_latents(dit, noise: torch.Tensor, *, prior: torch.Tensor, glyph: to
 
     noise: (B, C, h, w); prior: (B, N) ids; glyph: (B, L, D) with glyph_mask (B, L); size: (height, width) px;
     neg_glyph / neg_mask: the unconditional branch's glyph stream (needed when guidance > 1); cond_kv: condition
-    images' K/V, read by the conditional rows only; canvas: (B, 1, H, W) glyph canvas of a DiT with canvas_patch,
+    images' K/V, read by the conditional rows only; canvas: (B, C, H, W) canvas of a DiT with canvas_patch,
     read by the conditional rows only; schedule: a ScheduleConfig -> latents (B, C, h, w) float32.
     Both guidance branches run as one batch [cond ; uncond]; the key mask is built once, not at every step.
     """

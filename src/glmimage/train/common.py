@@ -170,7 +170,8 @@ def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module],
               missing_ok: tuple[str, ...] = ()) -> None:
     """Load cfg.init's weights into models {component of the model folder: module}, in place. A no-op without
     init or once the stage has its own checkpoint (which load_checkpoint then restores): only a new run reads it.
-    missing_ok: parameter names (within a module) that the folder may lack; they keep their initial values."""
+    missing_ok: parameter names (within a module) that the folder may lack, or hold with fewer input columns (a
+    canvas embedder that reads fewer channels); what it lacks keeps its initial values."""
     if not cfg.init or (stage_dir / "ckpt" / "state.json").is_file():
         return
     weights = model_folder(cfg.init) / "model.safetensors"  # `world`: the embedded model
@@ -183,7 +184,11 @@ def init_from(cfg: StageConfig, stage_dir: Path, models: dict[str, nn.Module],
         if comp == "glyph":
             _tie_t5(sd)
         own = module.state_dict()
-        sd.update({k: own[k] for k in missing_ok if k in own and k not in sd})
+        for k in (k for k in missing_ok if k in own):
+            if k not in sd:
+                sd[k] = own[k]
+            elif sd[k].shape[:-1] == own[k].shape[:-1] and sd[k].shape[-1] < own[k].shape[-1]:
+                sd[k] = torch.cat([sd[k].to(own[k].dtype), own[k][..., sd[k].shape[-1]:]], -1)
         try:
             module.load_state_dict(sd, strict=True)  # copies in place: optimizer and EMA hold the same parameters
         except RuntimeError as e:

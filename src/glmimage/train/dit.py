@@ -31,7 +31,7 @@ from glmimage.glyph import GlyphEncoder
 from glmimage.pipeline import to_pil, upsample_ids
 from glmimage.train import common as C
 from glmimage.train.data import N_BG, Dataset, factored_init_, scene_graphs
-from glmimage.world.canvas import plan_canvas, scene_canvas
+from glmimage.world.canvas import plan_canvases, scene_canvas
 
 MAX_GLYPH_POS = 64  # the glyph_aux head's classes: index 0 … 63 from either end (later positions share the last)
 
@@ -103,8 +103,8 @@ def main(cfg: DiTTrainConfig) -> Path:
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
     T = mcfg.schedule.num_train_timesteps
     with_text = [i for i, cs in enumerate(scenes["captions"]) if any('"' in c for c in cs)]
-    canvas_on = bool(mcfg.dit.canvas_patch)
-    if canvas_on:  # the glyph canvas is drawn from each row's scene graph (target scene of an edit)
+    canvas_on, channels = bool(mcfg.dit.canvas_patch), mcfg.dit.canvas_channels
+    if canvas_on:  # the canvas is drawn from each row's scene graph (the target scene of an edit)
         graphs = scene_graphs(scenes)
         targets = [e.target for e in scene_graphs(edits)]
 
@@ -114,7 +114,7 @@ def main(cfg: DiTTrainConfig) -> Path:
     if cfg.factor_init:
         factored_init_(dit.prior_embedding.weight)
     glyph = GlyphEncoder(mcfg.glyph)
-    # a model from before the glyph canvas starts without one: its canvas_embedder stays at zero
+    # a model from before the canvas (or its shape channel) starts without it: those embedder columns stay at zero
     C.init_from(cfg, out, {"dit": dit, "glyph": glyph.encoder}, missing_ok=("canvas_embedder.weight",))
     dit.train(), glyph.train()
     ema_dit, ema_glyph = copy.deepcopy(dit).eval(), copy.deepcopy(glyph).eval()
@@ -173,8 +173,8 @@ def main(cfg: DiTTrainConfig) -> Path:
         canvas = None
         if canvas_on:
             rows = [(targets if is_edit else graphs)[i] for i in idx]
-            canvas = torch.from_numpy(np.stack([scene_canvas(sc, text, size) for sc, text in zip(rows, texts)]))
-            canvas = canvas[:, None]
+            canvas = torch.from_numpy(np.stack([scene_canvas(sc, text, size, channels)
+                                                for sc, text in zip(rows, texts)]))
         if is_edit:
             src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
             src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))
@@ -265,14 +265,14 @@ def glyph_position_loss(glyph: GlyphEncoder, head: nn.Linear, gl: torch.Tensor, 
 def sample_latents(dit: DiT, glyph: GlyphEncoder, prior: torch.Tensor, prompts: list[str], mcfg, size: int,
                    steps: int, guidance: float, seed: int = 0, ids: np.ndarray | None = None) -> torch.Tensor:
     """The pipeline's sampler from given prior ids (B, N) and prompts -> latents (B, C, h, w). ids: the target grids
-    (B, grid²) the glyph canvas is laid out from, as the pipeline does, when the DiT reads one."""
+    (B, grid²) the canvas is laid out from, as the pipeline does, when the DiT reads one."""
     b, f = prior.shape[0], mcfg.vae_factor
     noise = torch.randn(b, mcfg.dit.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
     gl, gm = glyph.encode(list(prompts))
     neg, nm = glyph.encode([""] * b)
     canvas = None
     if dit.cfg.canvas_patch and ids is not None:
-        canvas = torch.from_numpy(np.stack([plan_canvas(p, i, size, size) for p, i in zip(prompts, ids)]))[:, None]
+        canvas = plan_canvases(prompts, ids, size, size, dit.cfg.canvas_channels)
     return dsample.generate_latents(dit, noise, prior=prior, glyph=gl, glyph_mask=gm, size=(size, size), steps=steps,
                                     guidance=guidance, schedule=mcfg.schedule, neg_glyph=neg, neg_mask=nm,
                                     canvas=canvas)

@@ -1,43 +1,82 @@
-"""Glyph canvas of the world model: the quoted text drawn as a mask where the plan puts it.
+"""Canvas of the world model: the plan drawn as masks, the quoted text (channel 0) and the shapes (channel 1).
 
 A DiT of a few million parameters trained for hours does not learn to spell words it never saw from the ByT5 glyph
-stream alone (it paints letter-like strokes: README "Why no letters"). The world model's DiT therefore also reads a
-canvas (TextDiffuser / GlyphControl style): the quoted text rendered as a grey mask, in the font and on the text row
-that the semantic ids name, which the DiT's `canvas_embedder` adds to the patches under it. Writing a letter then is
-copying the pixels under the token, for any word. This is not part of the official GLM-Image architecture (its DiT
-has no such input, `canvas_patch=0`); it needs ids that carry the text layout, as the world tokenizer's do.
+stream alone (it paints letter-like strokes: README "Why no letters"), and from ids that name each 8-px token's
+shape, colour and part it paints a rounded blob (README "Where the shapes go"). The world model's DiT therefore
+also reads a canvas (TextDiffuser / GlyphControl style, a layout drawn as masks): channel 0 is the quoted text as a
+grey mask, in the font and on the text row that the semantic ids name; channel 1 (world models with
+`canvas_channels=2`) the silhouettes of the shapes that the ids name, in the cells and at the sizes that they give.
+The DiT's `canvas_embedder` adds each patch of it to the patch embeddings: writing a letter or drawing a star's
+points is then copying the pixels under the token. Colour, background and texture still come from the ids alone.
+This is not part of the official GLM-Image architecture (its DiT has no such input, `canvas_patch=0`); it needs
+ids that carry the layout, as the world tokenizer's do, and the canvas carries nothing the ids do not.
 
-Training draws the canvas from the scene graph (`scene_canvas`), inference from the plan (`plan_canvas`): the same
-renderer, so the DiT learns to put the ink exactly where the canvas has it.
+Training draws the canvas from the scene graph (`scene_canvas`), inference from the plan (`plan_canvas`, which
+decodes the layout from the ids): the same renderer, so the DiT learns to put the ink exactly where the canvas has it.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from glmimage.glyph import extract_glyph_texts
-from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_text
-from glmimage.world.scene import Scene, Text
+from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_shape, _draw_text
+from glmimage.world.scene import CELL_CENTERS, Scene, Shape, Text
+
+CHANNELS = ("text", "shapes")  # canvas channels, in order; a model reads the first DiTConfig.canvas_channels
 
 
-def text_mask(texts: Sequence[Text], size: int) -> np.ndarray:
-    """The ink of text objects, drawn as `render` draws them (4× then LANCZOS): (size, size) float32 in [0, 1]."""
+def _mask(objects: Sequence[Shape | Text], size: int) -> np.ndarray:
+    """Objects drawn in white as `render` draws them (4× then LANCZOS): (size, size) float32 in [0, 1]."""
     side = size * SUPERSAMPLE
     image = Image.new("RGB", (side, side))
     draw = ImageDraw.Draw(image)
-    for t in texts:
-        _draw_text(draw, Text(text=t.text, font=t.font, color="white", row=t.row, offset=t.offset), side)
+    for o in objects:
+        if isinstance(o, Text):
+            _draw_text(draw, Text(text=o.text, font=o.font, color="white", row=o.row, offset=o.offset), side)
+        else:
+            _draw_shape(draw, Shape(shape=o.shape, color="white", size=o.size, cell=o.cell, offset=o.offset), side)
     small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def scene_canvas(scene: Scene, prompt: str, size: int) -> np.ndarray:
-    """Training canvas: the scene's text where the prompt quotes text (else empty) -> (size, size) float32."""
-    if not scene.texts or not extract_glyph_texts(prompt):
-        return np.zeros((size, size), np.float32)
-    return text_mask(scene.texts, size)
+def text_mask(texts: Sequence[Text], size: int) -> np.ndarray:
+    """The ink of text objects, drawn as `render` draws them: (size, size) float32 in [0, 1]."""
+    return _mask(texts, size)
+
+
+def shape_mask(shapes: Sequence[Shape], size: int) -> np.ndarray:
+    """The silhouettes of shapes, drawn as `render` draws them: (size, size) float32 in [0, 1]."""
+    return _mask(shapes, size)
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in range(1, len(CHANNELS) + 1):
+        raise ValueError(f"canvas channels must be 1 (text) or 2 (text, shapes), got {channels!r}")
+
+
+def scene_canvas(scene: Scene, prompt: str, size: int, channels: int = 1) -> np.ndarray:
+    """Training canvas -> (channels, size, size) float32: the scene's text where the prompt quotes text (else
+    empty), then the scene's shapes."""
+    _check_channels(channels)
+    out = np.zeros((channels, size, size), np.float32)
+    if scene.texts and extract_glyph_texts(prompt):
+        out[0] = text_mask(scene.texts, size)
+    if channels > 1 and scene.shapes:
+        out[1] = shape_mask(scene.shapes, size)
+    return out
+
+
+def _grid(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    ids = np.asarray(ids).reshape(-1)
+    grid = round(len(ids) ** 0.5)
+    if grid * grid != len(ids):
+        raise ValueError(f"ids must be a square grid, got {len(ids)} ids")
+    return ids, grid
 
 
 def plan_layout(ids: np.ndarray) -> tuple[int, str] | None:
@@ -45,10 +84,7 @@ def plan_layout(ids: np.ndarray) -> tuple[int, str] | None:
     whose centre is nearest the text tokens' mean height, and their most common font; None without text tokens."""
     from glmimage.train.data import FONTS, N_BG, N_SHAPE, TEXT_PARTS
 
-    ids = np.asarray(ids).reshape(-1)
-    grid = round(len(ids) ** 0.5)
-    if grid * grid != len(ids):
-        raise ValueError(f"ids must be a square grid, got {len(ids)} ids")
+    ids, grid = _grid(ids)
     where = np.flatnonzero(ids >= N_BG + N_SHAPE)
     if not len(where):
         return None
@@ -58,14 +94,84 @@ def plan_layout(ids: np.ndarray) -> tuple[int, str] | None:
     return row, FONTS[int(np.bincount(fonts, minlength=len(FONTS)).argmax())]
 
 
-def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Inference canvas: the prompt's first quoted string, centred on the row and in the font the plan's ids give
-    -> (height, width) float32. Empty when the prompt quotes nothing, the plan has no text or the image is not
-    square (the world's renderer lays text out on square images only)."""
-    texts = [t for t in extract_glyph_texts(prompt) if t.strip() and '"' not in t]
-    layout = plan_layout(ids) if texts and height == width else None
-    if layout is None:
-        return np.zeros((height, width), np.float32)
-    row, font = layout
-    return text_mask([Text(text=texts[0], font=font, color="white", row=row)], height)
+def _covered(shape: Shape, grid: int) -> set[int]:
+    """Tokens of a grid that a shape's box labels on its own (token_codes' MIN_COVER rule)."""
+    from glmimage.train.data import MIN_COVER
 
+    (cx, cy), r = shape.center, shape.radius
+    out = set()
+    for i in range(max(0, int((cy - r) * grid)), min(grid, int((cy + r) * grid) + 1)):
+        for j in range(max(0, int((cx - r) * grid)), min(grid, int((cx + r) * grid) + 1)):
+            w = max(0.0, min((j + 1) / grid, cx + r) - max(j / grid, cx - r))
+            h = max(0.0, min((i + 1) / grid, cy + r) - max(i / grid, cy - r))
+            if w * h * grid * grid >= MIN_COVER:
+                out.add(i * grid + j)
+    return out
+
+
+def plan_shapes(ids: np.ndarray) -> list[Shape]:
+    """The shapes a target grid of semantic ids names (grid², raster order). An id holds a shape, its colour and
+    where the shape's centre lies relative to the token (train/data.token_codes); the token that holds the centre
+    on both axes places the shape in the nearest cell of the 3×3 layout (the most common shape and colour there when
+    a plan gives a cell two), and the size is the one whose box labels most of the tokens that carry this shape and
+    colour and fewest others (ties: medium)."""
+    from glmimage.train.data import COLORS, N_BG, N_SHAPE, PARTS
+    from glmimage.world.scene import SHAPES
+
+    ids, grid = _grid(ids)
+    votes: dict[tuple[int, int], Counter] = {}
+    tokens: dict[tuple[int, int], set[int]] = {}
+    for t in np.flatnonzero((ids >= N_BG) & (ids < N_BG + N_SHAPE)):
+        q, part = divmod(int(ids[t]) - N_BG, PARTS * PARTS)
+        kind, (px, py) = divmod(q, len(COLORS)), divmod(part, PARTS)
+        tokens.setdefault(kind, set()).add(int(t))
+        if px in (1, 2) and py in (1, 2):  # the centre is in this token: which half, along each axis
+            i, j = divmod(int(t), grid)
+            x, y = (j + 0.5 * px - 0.25) / grid, (i + 0.5 * py - 0.25) / grid
+            cell = tuple(int(np.abs(np.asarray(CELL_CENTERS) - v).argmin()) for v in (y, x))
+            votes.setdefault(cell, Counter())[kind] += 1
+    out = []
+    for cell, counter in sorted(votes.items()):
+        kind = counter.most_common(1)[0][0]
+        seen = tokens[kind]
+        best = None
+        for size in ("medium", "small", "large"):
+            shape = Shape(shape=SHAPES[kind[0]], color=COLORS[kind[1]], size=size, cell=cell)
+            box = _covered(shape, grid)
+            score = len(box & seen) - len(box - seen)
+            if best is None or score > best[0]:
+                best = (score, shape)
+        out.append(best[1])
+    return out
+
+
+def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int, channels: int = 1) -> np.ndarray:
+    """Inference canvas -> (channels, height, width) float32: the prompt's first quoted string, centred on the row
+    and in the font the plan's ids give, then the shapes the ids give (plan_shapes). Empty where the prompt quotes
+    nothing or the plan has no text or no shape, and all empty when the image is not square (the world's renderer
+    lays scenes out on square images only)."""
+    _check_channels(channels)
+    out = np.zeros((channels, height, width), np.float32)
+    if height != width:
+        return out
+    texts = [t for t in extract_glyph_texts(prompt) if t.strip() and '"' not in t]
+    layout = plan_layout(ids) if texts else None
+    if layout is not None:
+        row, font = layout
+        out[0] = text_mask([Text(text=texts[0], font=font, color="white", row=row)], height)
+    if channels > 1:
+        shapes = plan_shapes(ids)
+        if shapes:
+            out[1] = shape_mask(shapes, height)
+    return out
+
+
+def plan_canvases(prompts: Sequence[str], ids: Sequence[np.ndarray] | np.ndarray | torch.Tensor, height: int,
+                  width: int, channels: int = 1) -> torch.Tensor:
+    """plan_canvas of a batch: prompts and their target grids (B, grid²) -> (B, channels, height, width) float32."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    if len(prompts) != len(ids):
+        raise ValueError(f"got {len(prompts)} prompts and {len(ids)} grids of ids")
+    return torch.from_numpy(np.stack([plan_canvas(p, np.asarray(i), height, width, channels)
+                                      for p, i in zip(prompts, ids)]))
