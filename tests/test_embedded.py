@@ -3,10 +3,11 @@
 Judged by the world's independent judges (OpenCV shapes, tesseract OCR) on prompts fixed here; a blank, noisy or
 wrong image fails. The full held-out evaluation is `glmimage eval world` (README); this is its small, fast cousin.
 The thresholds guard what the shipped model does (measured 2026-12-03 with its defaults, guidance 3 and AR
-temperature 0.15: composition 0.82 on these prompts, 0.82–0.85 over seeds 0–2, which is how far a change of the
-AR's random draws alone moves it; since the glyph canvas, OCR reads held-out words whole (eval world: 0.96);
-6/6 recolour edits that keep the image and change the object), not the issue's targets, which composition and edits
-do not meet yet (README); raise them as the model improves.
+temperature 0.15, since the canvas's shape channel: composition 0.96 / 0.95 / 0.95 on these prompts at seeds 0–2,
+object 0.83 / 0.79 / 0.79, where a change of the AR's random draws alone moves it by 0.03; OCR reads 8/8 held-out
+words whole; 6/6 recolour edits that keep the image and change the object), with a margin for another machine's
+arithmetic; composition's is the issue's target. Edits do not meet theirs yet (README); raise them as the model
+improves.
 """
 from __future__ import annotations
 
@@ -56,17 +57,17 @@ def test_draws_shapes_where_and_as_asked(pipe):
     results = [stated(p, judge_composition(im, scene)) for (p, scene), im in zip(items, images)]
     acc = composition_accuracy(results)
     headline = np.mean([acc[k] for k in HEADLINE])
-    assert headline >= 0.75, (acc, [p for p, _ in items])
+    assert headline >= 0.85 and acc["object"] >= 0.65, (acc, [p for p, _ in items])
 
 
 def test_writes_text_where_asked(pipe):
     """Held-out words OCR reads back whole, in the quoted word's band (a blank band reads "" and scores edit
-    distance 1): the glyph canvas (world/canvas.py)."""
+    distance 1): the canvas's text channel (world/canvas.py)."""
     items = _scenes("text", 8, "heldout")
     images = pipe([p for p, _ in items], seed=0, progress=False).images
     reads = [r for (_, scene), im in zip(items, images) for r in judge_text(im, scene)]
-    assert sum(r["ned"] == 0 for r in reads) >= 6, reads  # read whole (measured 2026-12-03: see the docstring)
-    assert np.mean([r["ned"] for r in reads]) <= 0.25, reads
+    assert sum(r["ned"] == 0 for r in reads) >= 7, reads  # read whole (measured 2026-12-03: see the docstring)
+    assert np.mean([r["ned"] for r in reads]) <= 0.1, reads
 
 
 def test_edits_an_image(pipe):
