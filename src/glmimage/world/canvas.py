@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from glmimage.glyph import extract_glyph_texts
 from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_shape, _draw_text
-from glmimage.world.scene import CELL_CENTERS, Scene, Shape, Text
+from glmimage.world.scene import CELL_CENTERS, Background, Scene, Shape, Text
 
 CHANNELS = ("text", "shapes")  # canvas channels, in order; a model reads the first DiTConfig.canvas_channels
 
@@ -94,19 +94,12 @@ def plan_layout(ids: np.ndarray) -> tuple[int, str] | None:
     return row, FONTS[int(np.bincount(fonts, minlength=len(FONTS)).argmax())]
 
 
-def _covered(shape: Shape, grid: int) -> set[int]:
-    """Tokens of a grid that a shape's box labels on its own (token_codes' MIN_COVER rule)."""
-    from glmimage.train.data import MIN_COVER
+def _labelled(shape: Shape, grid: int) -> set[int]:
+    """Tokens of a grid that a shape labels on its own (train/data.token_codes of a scene holding only it)."""
+    from glmimage.train.data import N_BG, token_codes
 
-    (cx, cy), r = shape.center, shape.radius
-    out = set()
-    for i in range(max(0, int((cy - r) * grid)), min(grid, int((cy + r) * grid) + 1)):
-        for j in range(max(0, int((cx - r) * grid)), min(grid, int((cx + r) * grid) + 1)):
-            w = max(0.0, min((j + 1) / grid, cx + r) - max(j / grid, cx - r))
-            h = max(0.0, min((i + 1) / grid, cy + r) - max(i / grid, cy - r))
-            if w * h * grid * grid >= MIN_COVER:
-                out.add(i * grid + j)
-    return out
+    codes = token_codes(Scene(background=Background(color="white"), objects=(shape,)), grid)
+    return set(np.flatnonzero(codes >= N_BG).tolist())
 
 
 def plan_shapes(ids: np.ndarray) -> list[Shape]:
@@ -137,7 +130,7 @@ def plan_shapes(ids: np.ndarray) -> list[Shape]:
         best = None
         for size in ("medium", "small", "large"):
             shape = Shape(shape=SHAPES[kind[0]], color=COLORS[kind[1]], size=size, cell=cell)
-            box = _covered(shape, grid)
+            box = _labelled(shape, grid)
             score = len(box & seen) - len(box - seen)
             if best is None or score > best[0]:
                 best = (score, shape)
