@@ -401,6 +401,28 @@ def test_glyph_canvas_is_laid_out_from_the_plan_as_the_scene_draws_it():
         plan_layout(np.zeros(15, np.int64))
 
 
+def test_canvas_writes_the_text_an_edit_asks_for():
+    """An instruction that quotes the old and the new text ('replace "OLD" with "NEW"', 'write "NEW" instead of
+    "OLD"') gets the new one on its inference canvas, as its training canvas (the target scene's text) has it; the
+    canvas once wrote the first quoted string, the old word, for half of the replace-text phrasings."""
+    from glmimage.train.data import token_codes
+    from glmimage.world.canvas import canvas_text, plan_canvas, scene_canvas, text_mask
+
+    for i in range(200):
+        edit = sample_edit(random.Random(i), kind="replace_text", split="heldout" if i % 2 else "train")
+        assert canvas_text(edit.instruction) == edit.target.texts[0].text, edit.instruction
+    edit = next(e for e in (sample_edit(random.Random(i), kind="replace_text") for i in range(100))
+                if e.instruction.startswith("replace"))
+    ids = token_codes(edit.target, 4)
+    planned, truth = plan_canvas(edit.instruction, ids, 64, 64)[0], scene_canvas(edit.target, edit.instruction, 64)[0]
+    old = text_mask([replace(edit.target.texts[0], text=edit.source.texts[0].text)], 64)
+    iou = lambda a, b: ((a > 0.5) & (b > 0.5)).sum() / ((a > 0.5) | (b > 0.5)).sum()  # noqa: E731
+    assert iou(planned, truth) > 0.6 > iou(planned, old)
+    assert canvas_text('change "A" to "B"') == "B" and canvas_text('a sign that says "OPEN"') == "OPEN"
+    assert canvas_text('replace "A" with ""') is None and canvas_text("a red circle") is None
+    assert canvas_text('replace "A"') == "A"  # nothing else quoted: the only string
+
+
 def test_shape_canvas_is_decoded_from_the_plan_where_the_scene_draws_it():
     """The canvas's second channel: the shapes the semantic ids name, each in the cell whose centre the ids give,
     for every sampled scene but a rare one where text or another shape holds a centre's token; its silhouettes

@@ -9,12 +9,12 @@ import re
 import torch
 import torch.nn as nn
 
-_QUOTES = (r"'([^']*)'", "\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', "「([^「」]*)」")
+QUOTES = (r"'([^']*)'", "\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', "「([^「」]*)」")
 
 
 def extract_glyph_texts(prompt: str) -> list[str]:
     """Quoted strings in the order GLM-Image reads them: '…', then “…”, then "…", then 「…」."""
-    return [m for pattern in _QUOTES for m in re.findall(pattern, prompt)]
+    return [m for pattern in QUOTES for m in re.findall(pattern, prompt)]
 
 
 class GlyphEncoder(nn.Module):

@@ -143,9 +143,10 @@ def evaluate(pipe, cfg: EvalConfig) -> dict:
         "items": per_item, "edits": results,
     }
     (out / "world_eval.json").write_text(json.dumps(report, indent=2, default=str))
-    n = min(24, len(images))
-    step = max(1, len(images) // n)
-    contact_sheet(images[::step][:n], [p for p, _ in prompts][::step][:n], columns=6).save(out / "t2i_sheet.png")
+    if images:  # none with --n 0 (edits only)
+        n = min(24, len(images))
+        step = max(1, len(images) // n)
+        contact_sheet(images[::step][:n], [p for p, _ in prompts][::step][:n], columns=6).save(out / "t2i_sheet.png")
     if edit_images:
         sheet = [im for s, g, _ in edit_images[:12] for im in (s, g)]
         caps = [c for _, _, ins in edit_images[:12] for c in ("source", ins)]

@@ -16,6 +16,7 @@ decodes the layout from the ids): the same renderer, so the DiT learns to put th
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from glmimage.glyph import extract_glyph_texts
+from glmimage.glyph import QUOTES
 from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_shape, _draw_text
 from glmimage.world.scene import CELL_CENTERS, Background, Scene, Shape, Text
 
@@ -54,17 +55,30 @@ def shape_mask(shapes: Sequence[Shape], size: int) -> np.ndarray:
     return _mask(shapes, size)
 
 
+# words that introduce the text an instruction replaces: 'replace "OLD" with "NEW"', 'write "NEW" instead of "OLD"'
+_REPLACED = re.compile(r"\b(replace|instead of|from|change)\s*$", re.IGNORECASE)
+
+
+def canvas_text(prompt: str) -> str | None:
+    """The quoted string the inference canvas writes: the first (in GLM-Image's reading order) that the prompt does
+    not name as the text being replaced, so an edit draws the new word ('replace "OLD" with "NEW"' -> NEW), as its
+    training canvas (the target scene's text) does; None when the prompt quotes nothing drawable."""
+    spans = [(m.start(), m.group(1)) for pattern in QUOTES for m in re.finditer(pattern, prompt)]
+    kept = [t for i, t in spans if not _REPLACED.search(prompt[:i])] or [t for _, t in spans]
+    return next((t for t in kept if t.strip() and '"' not in t), None)
+
+
 def _check_channels(channels: int) -> None:
     if channels not in range(1, len(CHANNELS) + 1):
         raise ValueError(f"canvas channels must be 1 (text) or 2 (text, shapes), got {channels!r}")
 
 
 def scene_canvas(scene: Scene, prompt: str, size: int, channels: int = 1) -> np.ndarray:
-    """Training canvas -> (channels, size, size) float32: the scene's text where the prompt quotes text (else
-    empty), then the scene's shapes."""
+    """Training canvas -> (channels, size, size) float32: the scene's text where the prompt quotes text that
+    plan_canvas would draw (else empty), then the scene's shapes."""
     _check_channels(channels)
     out = np.zeros((channels, size, size), np.float32)
-    if scene.texts and extract_glyph_texts(prompt):
+    if scene.texts and canvas_text(prompt) is not None:
         out[0] = text_mask(scene.texts, size)
     if channels > 1 and scene.shapes:
         out[1] = shape_mask(scene.shapes, size)
@@ -139,19 +153,19 @@ def plan_shapes(ids: np.ndarray) -> list[Shape]:
 
 
 def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int, channels: int = 1) -> np.ndarray:
-    """Inference canvas -> (channels, height, width) float32: the prompt's first quoted string, centred on the row
-    and in the font the plan's ids give, then the shapes the ids give (plan_shapes). Empty where the prompt quotes
+    """Inference canvas -> (channels, height, width) float32: the prompt's quoted string (canvas_text), centred on the
+    row and in the font the plan's ids give, then the shapes the ids give (plan_shapes). Empty where the prompt quotes
     nothing or the plan has no text or no shape, and all empty when the image is not square (the world's renderer
     lays scenes out on square images only)."""
     _check_channels(channels)
     out = np.zeros((channels, height, width), np.float32)
     if height != width:
         return out
-    texts = [t for t in extract_glyph_texts(prompt) if t.strip() and '"' not in t]
-    layout = plan_layout(ids) if texts else None
+    text = canvas_text(prompt)
+    layout = plan_layout(ids) if text is not None else None
     if layout is not None:
         row, font = layout
-        out[0] = text_mask([Text(text=texts[0], font=font, color="white", row=row)], height)
+        out[0] = text_mask([Text(text=text, font=font, color="white", row=row)], height)
     if channels > 1:
         shapes = plan_shapes(ids)
         if shapes:
