@@ -77,12 +77,42 @@ def test_stage_outputs_are_consistent(run_dir):
     graphs = scene_graphs(scenes)
     assert [all_captions(g) for g in graphs[:20]] == scenes["captions"][:20]
     assert ids[3].tolist() == token_codes(graphs[3], th).tolist()
-    # the ViT reads an image into ids exactly as the pipeline tokenizes a condition image
+    # the ViT's reading of the edit sources, which the AR's edit rows train on, is exactly what the assembled
+    # pipeline reads from a condition image (its codebook's unseen rows completed as the model's are)
     pipe = glmimage.load(run_dir / "model", device="cpu")
-    _, got = pipe.condition_tokens(Image.fromarray(np.asarray(scenes["images"][3])))
-    vq = load_trained(run_dir)
-    assert got.flatten().tolist() == read_ids(vq, scenes["images"][3:4], cfg.vq.image_mean,
-                                              cfg.vq.image_std)[0].tolist()
+    edits = Dataset(run_dir / "data" / "edits")
+    read = np.load(run_dir / "tokenizer" / "ids_source_read.npy")
+    assert read.shape == (len(edits), th * tw)
+    for i in (0, 7):
+        _, got = pipe.condition_tokens(Image.fromarray(np.asarray(edits["source"][i])))
+        assert got.flatten().tolist() == read[i].tolist()
+    vq = load_trained(run_dir)  # and read_ids is that reading, for the ViT as trained
+    assert read_ids(vq, edits["source"][:1], cfg.vq.image_mean, cfg.vq.image_std).shape == (1, th * tw)
+
+
+def test_assembled_id_tables_fill_the_unseen_ids_from_their_factors(run_dir):
+    """AR embedding and head, DiT prior rows and the ViT's codebook: rows of ids never seen in training (held-out
+    shape–colour pairs) are the additive factor fit of the seen rows, the seen rows are the trained ones."""
+    from safetensors.torch import load_file
+
+    from glmimage.train.assemble import UNSEEN_ROWS, seen_codes
+    from glmimage.train.data import NUM_CODES, factor_matrix
+
+    seen = torch.zeros(NUM_CODES, dtype=torch.bool)
+    seen[torch.from_numpy(seen_codes(run_dir).astype(np.int64))] = True
+    assert 0 < (~seen).sum() < NUM_CODES
+    shipped = load_file(str(run_dir / "model" / "model.safetensors"))
+    trained = {"ar": load_file(str(run_dir / "ar" / "ar.safetensors")),
+               "dit": load_file(str(run_dir / "dit" / "dit.safetensors")),
+               "vq": load_file(str(run_dir / "tokenizer" / "vq.safetensors"))}
+    x = factor_matrix().double()
+    assert {c for c, _ in UNSEEN_ROWS} == set(trained)
+    for comp, key in UNSEEN_ROWS:
+        rows, before = shipped[f"{comp}.{key}"][:NUM_CODES].double(), trained[comp][key][:NUM_CODES].double()
+        assert torch.allclose(rows[seen], before[seen].half().double()), (comp, key)
+        fit = torch.linalg.lstsq(x[seen], before[seen], driver="gelsd").solution
+        assert torch.allclose(rows[~seen], x[~seen] @ fit, atol=2e-3, rtol=1e-2), (comp, key)
+        assert not torch.allclose(rows[~seen], before[~seen], atol=1e-3), (comp, key)
 
 
 def test_semantic_codes_say_what_is_where():
@@ -139,7 +169,7 @@ def test_resume_gives_the_same_losses(run_dir, tmp_path, stage):
 
 
 def test_train_all_runs_two_lanes_then_the_dit_on_both_cores(run_dir):
-    """On a multi-core CPU `train all` runs vae → dit beside tokenizer ids → ar → ViT, one process each, then the
+    """On a multi-core CPU `train all` runs vae → dit beside tokenizer ids → ViT → ar, one process each, then the
     DiT under torchrun on two processes to its last step; every job logs to <out>/logs/."""
     from glmimage.train.schedule import cores
 
@@ -272,6 +302,34 @@ def test_assemble_live_takes_the_checkpoints(run_dir, tmp_path):
     assert cli(["train", "assemble", "--out", str(tmp_path / "empty")]) == 2
 
 
+def test_assemble_takes_what_the_run_did_not_train_from_a_base_model(run_dir, tmp_path):
+    """`train assemble --base MODEL`: a run that retrained only the tokenizer and the AR gets the DiT, glyph encoder
+    and VAE (and the VAE's latent statistics) from the base model; without a base it says what is missing."""
+    out = tmp_path / "run"
+    for dep in ("data", "tokenizer", "ar"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    from glmimage.train.assemble import assemble
+
+    with pytest.raises(ValueError, match="no weights for dit"):
+        assemble(out)
+    with pytest.raises(ValueError, match="not a glmimage model folder"):
+        assemble(out, base=tmp_path)
+    assert cli(["train", "assemble", "--out", str(out), "--base", str(run_dir / "model"), "--ship",
+                str(tmp_path / "m")]) == 0
+    got, base = glmimage.load(tmp_path / "m", device="cpu"), glmimage.load(run_dir / "model", device="cpu")
+    for comp in ("dit", "vae"):
+        a, b = getattr(got, comp).state_dict(), getattr(base, comp).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b if k != "prior_embedding.weight"), comp
+    a, b = got.glyph.encoder.state_dict(), base.glyph.encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert got.cfg.vae == base.cfg.vae
+    from safetensors.torch import load_file
+
+    ar = load_file(str(out / "ar" / "ar.safetensors"))
+    assert torch.equal(got.ar.state_dict()["layers.0.mlp.down_proj.weight"],
+                       ar["layers.0.mlp.down_proj.weight"].half().float())
+
+
 @pytest.mark.parametrize("stage,files", [("vae", {"vae": "vae.safetensors"}), ("tokenizer", {"vq": "vq.safetensors"}),
                                          ("ar", {"ar": "ar.safetensors"}),
                                          ("dit", {"dit": "dit.safetensors", "glyph": "glyph.safetensors"})])
@@ -340,6 +398,36 @@ def test_factored_init_starts_ids_that_share_a_factor_alike():
     assert cos((0, 0, 5), (1, 3, 9)) < 0.5  # nothing but is_shape shared
 
 
+def test_ar_edit_rows_read_their_source_as_the_vit_does(run_dir, tmp_path, monkeypatch):
+    """The AR's edit rows are conditioned on the ids the trained ViT read from the source image (what the pipeline
+    gives it), or on the scene graph's with edit_source=true; without the ViT's reading it says what to run."""
+    out = tmp_path / "run"
+    for dep in ("data", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    files = {"read": "ids_source_read.npy", "true": "ids_source.npy"}
+    rows = {k: {tuple(r) for r in np.load(out / "tokenizer" / f).tolist()} for k, f in files.items()}
+    assert rows["read"] != rows["true"]  # a 3-step ViT misreads
+    conds = []
+    layout = argen.layout_prompt
+
+    def spy(tok, text, *, cond=(), **kw):
+        conds.extend(tuple(ids.tolist()) for ids, _, _ in cond)
+        return layout(tok, text, cond=cond, **kw)
+
+    monkeypatch.setattr(argen, "layout_prompt", spy)
+    for source in ("read", "true"):
+        conds.clear()
+        shutil.rmtree(out / "ar", ignore_errors=True)
+        train.run("ar", "quick", out=str(out), steps=2, edit_fraction=1.0, edit_source=source)
+        assert len(conds) >= 2 * 8 and set(conds) <= rows[source], source
+    (out / "tokenizer" / files["read"]).unlink()
+    shutil.rmtree(out / "ar")
+    with pytest.raises(ValueError, match="train tokenizer"):
+        train.run("ar", "quick", out=str(out), steps=1)
+    with pytest.raises(ValueError, match="edit_source"):
+        train.run("ar", "quick", out=str(out), steps=1, edit_source="graph")
+
+
 def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "vae", "tokenizer"):
@@ -355,6 +443,31 @@ def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
         rows = load_file(str(out / stage / name))[key][:len(x)].double()
         fit = torch.linalg.lstsq(x.double(), rows, driver="gelsd").solution  # rows = sums of factor vectors
         assert torch.allclose(x.double() @ fit, rows, atol=1e-6), stage
+
+
+def test_tokenizer_factored_codebook_keeps_rows_sums_of_their_factors(run_dir, tmp_path):
+    """factored_codebook: the ViT's codebook trains as factor vectors, and what it saves (and reads with) is their
+    sums, so a held-out pair's row is its shape's plus its colour's; the plain codebook is not additive."""
+    from safetensors.torch import load_file
+
+    from glmimage.train.data import NUM_CODES, factor_matrix
+
+    x = factor_matrix().double()
+
+    def additive(rows: torch.Tensor) -> bool:
+        fit = torch.linalg.lstsq(x, rows, driver="gelsd").solution
+        return torch.allclose(x @ fit, rows, atol=1e-5)
+
+    out = tmp_path / "run"
+    for dep in ("data", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb", "vq.safetensors"))
+    train.run("tokenizer", "quick", out=str(out), steps=2, factored_codebook=True)
+    for f in ("vq.safetensors", "ckpt/model.safetensors"):
+        rows = load_file(str(out / "tokenizer" / f))
+        rows = rows.get("codebook.weight", rows.get("vq.codebook.weight"))[:NUM_CODES].double()
+        assert additive(rows), f
+    assert not additive(load_file(str(run_dir / "tokenizer" / "vq.safetensors"))["codebook.weight"][:NUM_CODES]
+                        .double())
 
 
 def test_bf16_autocast_by_default_only_where_it_is_native(monkeypatch):
@@ -394,6 +507,11 @@ def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "quoted-word accuracy" in table and "edit success" in table
     assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "0"]) == 2
+    # edits only (it once failed at the end, drawing a sheet of no text-to-image images)
+    assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "1", "--steps", "1",
+                "--out", str(tmp_path / "edits")]) == 0
+    report = json.loads((tmp_path / "edits" / "world_eval.json").read_text())
+    assert report["n_prompts"] == 0 and report["n_edits"] == 1 and 0.0 <= report["edit_success"] <= 1.0
 
 
 def test_eval_world_true_ids_paints_the_scene_graphs(run_dir, tmp_path, capsys, monkeypatch):

@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.stage == "assemble":
         from glmimage.train.assemble import assemble
 
-        print(f"wrote {assemble(args.out, dest=args.ship, live=args.live)}")
+        print(f"wrote {assemble(args.out, dest=args.ship, live=args.live, base=args.base)}")
         return
     if args.stage == "all":
         path = train.run("all", recipe, **overrides)
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--ship", default=None, metavar="DIR", help="after `all`: also write the fp16 model folder here")
     t.add_argument("--live", action="store_true", help="assemble: take each stage's newest checkpoint (EMA) instead "
                    "of its final weights (a snapshot of a run in progress)")
+    t.add_argument("--base", default=None, metavar="MODEL", help="assemble: take the components the run has not "
+                   "trained from this model folder (`world`: the embedded model)")
     ev = sub.add_parser("eval", help="judge a model on the world's held-out prompts and edits",
                         description="Generate held-out world prompts and edit pairs and score them with the OCR and "
                         "OpenCV judges; prints a table and writes <out>/world_eval.json.")

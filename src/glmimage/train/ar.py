@@ -40,6 +40,9 @@ class ARTrainConfig(C.StageConfig):
     n_samples: int = 8
     bpe_merges: int = 512  # the prompt BPE (captions are ~4× shorter than in bytes)
     factor_init: bool = False  # embedding and head rows of the ids start as sums of their factors (factored_init_)
+    # the edit rows' source grid: "read" = the ids the trained ViT reads from the source image (tokenizer stage,
+    # ids_source_read.npy), as the pipeline gives them; "true" = the source scene graph's own ids
+    edit_source: str = "read"
 
 
 def stage_dir(cfg) -> Path:
@@ -100,10 +103,16 @@ def main(cfg: ARTrainConfig) -> Path:
     root = Path(cfg.out)
     scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
     tokdir = root / "tokenizer"
-    C.require(*(tokdir / f for f in ("ids_scenes.npy", "ids_preview.npy", "ids_source.npy", "ids_target.npy",
+    if cfg.edit_source not in ("read", "true"):
+        raise ValueError(f"edit_source must be 'read' or 'true', got {cfg.edit_source!r}")
+    source = "ids_source_read.npy" if cfg.edit_source == "read" else "ids_source.npy"
+    if not (tokdir / source).is_file() and cfg.edit_source == "read":
+        raise ValueError(f"{tokdir / source} missing: train the tokenizer's ViT first (`glmimage train tokenizer`; "
+                         "it writes what it reads from every edit source), or `--set edit_source=true`")
+    C.require(*(tokdir / f for f in ("ids_scenes.npy", "ids_preview.npy", source, "ids_target.npy",
                                       "code_patches.npy")))
     ids_t, ids_p = np.load(tokdir / "ids_scenes.npy"), np.load(tokdir / "ids_preview.npy")
-    ids_s, ids_e = np.load(tokdir / "ids_source.npy"), np.load(tokdir / "ids_target.npy")
+    ids_s, ids_e = np.load(tokdir / source), np.load(tokdir / "ids_target.npy")
     code_patches = np.load(tokdir / "code_patches.npy")
     size = scenes.recipe["size"]
     target, preview = mcfg.grids(size, size)

@@ -21,6 +21,10 @@ from glmimage.train import data as D
 SOURCES = {"ar": ("ar", "ar.safetensors", "ar."), "vq": ("tokenizer", "vq.safetensors", "vq."),
            "dit": ("dit", "dit.safetensors", "ema_dit."), "glyph": ("dit", "glyph.safetensors", "ema_glyph."),
            "vae": ("vae", "vae.safetensors", "vae.")}
+# the id tables whose rows of ids never seen in training are filled in by complete_unseen (the ViT's codebook: an
+# untrained row is never the nearest, so a held-out pair would be read as another shape of its colour)
+UNSEEN_ROWS = (("ar", "embed_tokens.weight"), ("ar", "lm_head.weight"), ("dit", "prior_embedding.weight"),
+               ("vq", "codebook.weight"))
 
 
 def _from_checkpoint(stage_dir: Path, prefix: str) -> dict[str, torch.Tensor] | None:
@@ -32,28 +36,39 @@ def _from_checkpoint(stage_dir: Path, prefix: str) -> dict[str, torch.Tensor] | 
 
 
 def assemble(out: str | Path, *, preset_name: str = "world", dtype: str = "float16",
-             dest: str | Path | None = None, live: bool = False) -> Path:
+             dest: str | Path | None = None, live: bool = False, base: str | Path | None = None) -> Path:
     """<out>/{ar,tokenizer,dit,vae} -> <dest or out/model>, weights stored in `dtype`. live=True takes each stage's
     newest checkpoint (the EMA where the stage keeps one) instead of its final file: a snapshot of a run in
-    progress, without stopping it."""
+    progress, without stopping it. base: a model folder (`world`: the embedded model) that gives what the run has
+    not trained: a run that retrained the tokenizer and the AR only takes the DiT, glyph encoder and VAE from it."""
     out = Path(out)
-    state = {}
+    folder = checkpoint.model_folder(base) if base is not None else None
+    if folder is not None and not (folder / "model.safetensors").is_file():
+        raise ValueError(f"base={base!r} is not a glmimage model folder (no {folder / 'model.safetensors'})")
+    state, from_base = {}, []
     for comp, (stage, name, prefix) in SOURCES.items():
         sd = _from_checkpoint(out / stage, prefix) if live else None
         if sd is None and (out / stage / name).is_file():
             sd = load_file(str(out / stage / name))
-        if sd is None:
-            raise ValueError(f"run {out} has no weights for {comp} yet (no {out / stage / name}"
-                             f"{' and no checkpoint' if live else ''})")
+        if sd is None and folder is not None:
+            keep = lambda k, c=comp: k.startswith(c + ".")  # noqa: E731
+            flat = checkpoint.read_safetensors([folder / "model.safetensors"], keep=keep)
+            sd = {k[len(comp) + 1:]: v.float() for k, v in flat.items()}
+            from_base.append(comp)
+        if not sd:
+            where = f"{' and no checkpoint' if live else ''}{f' and none in {folder}' if folder else ''}"
+            raise ValueError(f"run {out} has no weights for {comp} yet (no {out / stage / name}{where})")
         state[comp] = sd
-    base = preset(preset_name).to_dict()
-    base["vae"] = json.loads((out / "vae" / "vae.json").read_text())  # with the measured latents mean / std
-    cfg = ModelConfig.from_dict(base)
+    cfg_dict = preset(preset_name).to_dict()
+    # the VAE's config with its measured latents mean / std: the run's, or the base model's with its weights
+    cfg_dict["vae"] = (json.loads((folder / "config.json").read_text())["vae"] if "vae" in from_base
+                       else json.loads((out / "vae" / "vae.json").read_text()))
+    cfg = ModelConfig.from_dict(cfg_dict)
     checkpoint._tie_t5(state["glyph"])
     seen = seen_codes(out)
-    for comp, key in (("ar", "embed_tokens.weight"), ("ar", "lm_head.weight"), ("dit", "prior_embedding.weight")):
+    for comp, key in UNSEEN_ROWS:
         state[comp][key] = complete_unseen(state[comp][key], seen)
-    tok = TextTokenizer.from_file(out / "ar" / "tokenizer.json")
+    tok = TextTokenizer.from_file(out / "ar" / "tokenizer.json" if "ar" not in from_base else folder / "tokenizer.json")
     pipe = checkpoint.build(cfg, tok, device="cpu", state=state)
     return checkpoint.save(pipe, Path(dest) if dest else out / "model", dtype=dtype)
 

@@ -5,11 +5,12 @@ about the time of one. With two cores or more (half of them per lane):
 
     data (all cores)
     lane A: vae ───────────────→ dit (one process) ──┐ paused when lane B is done (<out>/dit/STOP)
-    lane B: tokenizer ids → ar → tokenizer ViT ───────┘
+    lane B: tokenizer ids → tokenizer ViT → ar ───────┘
     dit resumed under torchrun, 2 processes, to its last step (same losses as one process, tests/test_train.py)
     assemble <out>/model
 
-The DiT waits for the tokenizer's ids as well as the VAE's latents. Each stage runs in its own process (a torch
+The DiT waits for the tokenizer's ids as well as the VAE's latents; the AR for the ViT, whose reading of the edit
+sources its edit rows train on. Each stage runs in its own process (a torch
 thread count is per process) and writes its output to <out>/logs/<job>.log (data, vae, tokenizer-ids, ar,
 tokenizer, dit-lane, dit-ddp); this process prints when a job starts and ends and, every minute, the step each
 running stage has logged. With one core, or `lanes=False`, the stages run one after another in this process. A
@@ -155,8 +156,8 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
         a = threading.Thread(target=lane, args=([lambda: r.run("vae", r.command("vae", t)), dit_alone],))
         b = threading.Thread(target=lane, args=([lambda: r.run("tokenizer-ids", r.command("tokenizer", t, steps=0)),
                                                 ids_ready.set,
-                                                lambda: r.run("ar", r.command("ar", t)),
                                                 lambda: r.run("tokenizer", r.command("tokenizer", t)),
+                                                lambda: r.run("ar", r.command("ar", t)),
                                                 lane_b_end],))
         a.start(), b.start()
         while a.is_alive() or b.is_alive():

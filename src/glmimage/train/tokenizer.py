@@ -15,8 +15,10 @@ these ids from pixels: ids = argmax cosine(projected features, codebook) is exac
 is a cosine-softmax classifier over the codebook. It is what turns condition images into ids for image-to-image.
 
 Outputs in <out>/tokenizer/: ids_*.npy (int16: scenes target grid, scenes preview grid, edit sources, edit
-targets; written first), vq.safetensors, code_patches.npy (a picture of each id, for sample grids), samples.png
-(image | its ids drawn | the ids the ViT reads), loss.png, tb/, ckpt/.
+targets; written first), vq.safetensors, code_patches.npy (a picture of each id, for sample grids),
+ids_source_read.npy (the ids the trained ViT reads from each edit's source image, as the pipeline will: the AR
+learns its edits from these, not from the scene graph's, so it meets at training the reading errors it meets in
+use), samples.png (image | its ids drawn | the ids the ViT reads), loss.png, tb/, ckpt/.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ PATCH = 16  # side of the picture drawn for one id
 class TokenizerTrainConfig(C.StageConfig):
     preset: str = "world"
     logit_scale: float = 16.0  # cosine-softmax temperature⁻¹
+    # the codebook rows of the world's ids are sums of factor vectors (FactoredCodebook) while training, so that an
+    # id never seen (a held-out shape–colour pair) has the row its shape and its colour give and is read like the rest
+    factored_codebook: bool = False
 
 
 def stage_dir(cfg) -> Path:
@@ -104,12 +109,29 @@ def ids_to_image(ids: np.ndarray, patches: np.ndarray, grid_h: int, grid_w: int)
     return p.transpose(0, 2, 1, 3, 4).reshape(grid_h * PATCH, grid_w * PATCH, 3)
 
 
-def cosine_logits(vq: VisualTokenizer, pixels: torch.Tensor, scale: float, bf16: bool) -> torch.Tensor:
-    """-> (B, N, K) scaled cosine similarities; their argmax is VisualTokenizer.quantize."""
+class FactoredCodebook(nn.Module):
+    """The codebook rows of the world's ids as sums of factor vectors: rows = data.factor_matrix() @ factors (shape·part
+    + colour·part for a shape id, …). Starts from the least-squares fit of the rows it is given. A joint row per
+    (shape, colour, part) lets the ViT read a colour it never saw on a shape as some other shape of that colour; a
+    sum of factors has no row of its own to learn, so the features must say shape and colour separately."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x", D.factor_matrix(len(rows)), persistent=False)
+        self.factors = nn.Parameter(torch.linalg.lstsq(self.x, rows.detach().float()).solution)
+
+    def forward(self) -> torch.Tensor:
+        return self.x @ self.factors
+
+
+def cosine_logits(vq: VisualTokenizer, pixels: torch.Tensor, scale: float, bf16: bool,
+                  codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """-> (B, N, K) scaled cosine similarities; their argmax is VisualTokenizer.quantize (with `codebook`, the rows
+    it stands for)."""
     with C.autocast(bf16):
         feats = vq.features(pixels)
     z = F.normalize(vq.quant_proj(feats.float()), dim=-1)
-    return scale * z @ F.normalize(vq.codebook.weight.float(), dim=-1).t()
+    return scale * z @ F.normalize((vq.codebook.weight if codebook is None else codebook).float(), dim=-1).t()
 
 
 def main(cfg: TokenizerTrainConfig) -> Path:
@@ -137,8 +159,20 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     vq = VisualTokenizer(mcfg.vq)
     nn.init.normal_(vq.pos_embed.weight, std=0.02)
     C.init_from(cfg, out, {"vq": vq})
-    opt = C.make_optimizer(vq.parameters(), cfg)
-    state = C.load_checkpoint(out, {"vq": vq}, opt)
+    k = min(mcfg.vq.codebook_size, D.NUM_CODES)
+    models = {"vq": vq}
+    if cfg.factored_codebook:
+        models["factors"] = FactoredCodebook(vq.codebook.weight[:k])
+    opt = C.make_optimizer([p for m in models.values() for p in m.parameters()], cfg)
+    state = C.load_checkpoint(out, models, opt)
+
+    def codebook() -> torch.Tensor | None:
+        return torch.cat([models["factors"](), vq.codebook.weight[k:]]) if cfg.factored_codebook else None
+
+    def sync() -> None:  # the factored rows into the ViT's own codebook, which is what gets read and saved
+        if cfg.factored_codebook:
+            with torch.no_grad():
+                vq.codebook.weight[:k] = models["factors"]()
     start = state["step"] if state else 0
     log = C.Log(out, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="tokenizer", unit="step")
@@ -150,7 +184,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
         target = ids[idx]
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
-        logits = cosine_logits(vq, x, cfg.logit_scale, cfg.bf16)
+        logits = cosine_logits(vq, x, cfg.logit_scale, cfg.bf16, codebook())
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,13 +197,15 @@ def main(cfg: TokenizerTrainConfig) -> Path:
             log.scalars(step, loss=loss.item(), grad_norm=gn.item(), lr=C.lr_at(step, cfg), **acc)
         done = step + 1
         if done % cfg.sample_every == 0 or done == cfg.steps:
+            sync()
             val = np.arange(n - n_val, n)
             read = read_ids(vq, images[val], mean, std)
             log.scalars(step, **{f"val_{k}": v for k, v in _accuracies(torch.from_numpy(read), ids[val]).items()})
             _samples(images[n - 8:], ids[n - 8:].numpy(), read[-8:], grid, patches, out / "samples.png")
             log.plot(f"tokenizer · step {done}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps or pause(done, cfg.steps):
-            C.save_checkpoint(out, {"vq": vq}, opt, done)
+            sync()
+            C.save_checkpoint(out, models, opt, done)
         if pause.paused:
             break
     bar.close()
@@ -178,10 +214,25 @@ def main(cfg: TokenizerTrainConfig) -> Path:
         return out
     log.plot(f"tokenizer · step {cfg.steps}")
     log.close()
+    sync()
     vq.eval()
     C.save_weights(vq, out / "vq.safetensors")
     np.save(out / "code_patches.npy", patches)
+    if cfg.steps > 0 or cfg.init:  # a ViT that has learnt to read (not the random one of `--steps 0`)
+        np.save(out / "ids_source_read.npy", read_sources(vq, root, mean, std).astype(np.int16))
     return out
+
+
+def read_sources(vq: VisualTokenizer, root: Path, mean, std) -> np.ndarray:
+    """The ids the ViT reads from every edit's source image, with the codebook rows of unseen ids completed as the
+    assembled model has them (train/assemble.py), so exactly what the pipeline's AR will be given."""
+    from glmimage.train.assemble import complete_unseen, seen_codes
+
+    reader = VisualTokenizer(vq.cfg)
+    reader.load_state_dict(vq.state_dict())
+    with torch.no_grad():
+        reader.codebook.weight.copy_(complete_unseen(reader.codebook.weight, seen_codes(root)))
+    return read_ids(reader, D.Dataset(root / "data" / "edits")["source"], mean, std)
 
 
 def _accuracies(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
