@@ -512,6 +512,8 @@ def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
                 "--out", str(tmp_path / "edits")]) == 0
     report = json.loads((tmp_path / "edits" / "world_eval.json").read_text())
     assert report["n_prompts"] == 0 and report["n_edits"] == 1 and 0.0 <= report["edit_success"] <= 1.0
+    table = capsys.readouterr().out
+    assert "MISS" not in table.split("edit success")[0]  # nothing judged is no miss
 
 
 def test_eval_world_true_ids_paints_the_scene_graphs(run_dir, tmp_path, capsys, monkeypatch):

@@ -165,6 +165,9 @@ def format_table(report: dict) -> str:
     rows += [(f"  edit {k}", v, None) for k, v in report["edit_parts"].items()]
     lines = [f"{'metric':<46} {'value':>7} {'target':>7}", "-" * 62]
     for name, v, target in rows:
+        if v != v:  # NaN: nothing of this kind was judged (--n 0 or --edits 0)
+            lines.append(f"{name:<46} {'-':>7} {'' if target is None else f'{target:>7.2f}'}")
+            continue
         mark = "" if target is None else (" ok" if v >= target else " MISS")
         lines.append(f"{name:<46} {v:>7.3f} {'' if target is None else f'{target:>7.2f}'}{mark}")
     lines.append(f"({report['n_prompts']} held-out prompts, {report['n_texts']} quoted words, {report['n_edits']} "
