@@ -1,5 +1,6 @@
 """Stage `ar`: train the AR generator to write the preview grid then the target grid (text-to-image) and the target
-grid from a condition image's ids and an instruction (image-to-image), with caption dropout.
+grid from a condition image's ids and an instruction (image-to-image), with caption dropout. The condition ids are
+the ones the trained ViT reads from the source image (tokenizer stage, ids_source_read.npy), as in use.
 
 Sequences are laid out by `ar.generate.layout_prompt`, the same function inference uses, so training and sampling
 see identical ids and mRoPE positions. Rows are left-padded so that the grids end every row; the loss is the cross
