@@ -241,7 +241,8 @@ def run(size: str = "small", *, variants: list[Variant], height: int = 256, widt
         raise ValueError(f"unknown bench size {size!r}; valid: {', '.join(SIZES)}")
     dev = resolve_device(device)
     if size == "glm-image" and dev.type == "cpu":
-        raise ValueError("the official size (17 B parameters) needs a GPU with about 80 GB; on a CPU use debug or small")
+        raise ValueError("the official size (17 B parameters) needs a GPU with about 80 GB; on a CPU use debug or "
+                         "small")
     if not variants:
         raise ValueError("give at least one variant")
     out = Path(out)

@@ -486,7 +486,8 @@ def export_official(pipe: Pipeline, path: str | Path) -> Path:
         dit = GlmImageTransformer2DModel(
             patch_size=d.patch_size, in_channels=d.in_channels, out_channels=d.in_channels, num_layers=d.n_layers,
             attention_head_dim=d.head_dim, num_attention_heads=d.n_heads, text_embed_dim=d.glyph_dim,
-            time_embed_dim=d.time_embed_dim, condition_dim=d.condition_dim, prior_vq_quantizer_codebook_size=d.codebook_size)
+            time_embed_dim=d.time_embed_dim, condition_dim=d.condition_dim,
+            prior_vq_quantizer_codebook_size=d.codebook_size)
     state = {}
     for comp, mod in (("ar", pipe.ar), ("vq", pipe.vq)):
         for k, t in mod.state_dict().items():

@@ -154,7 +154,8 @@ class ARModel(nn.Module):
         device = self.embed_tokens.weight.device
         self.max_batch, self.max_seq = max_batch, max_seq
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch, max_seq, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, device)
+            layer.self_attn.kv_cache = KVCache(max_batch, max_seq, self.cfg.n_kv_heads, self.cfg.head_dim, dtype,
+                                               device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
