@@ -9,12 +9,18 @@ import re
 import torch
 import torch.nn as nn
 
-QUOTES = (r"'([^']*)'", "\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', "「([^「」]*)」")
+_QUOTES = (r"'([^']*)'", "\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', "「([^「」]*)」")
+
+
+def quoted_spans(prompt: str) -> list[tuple[int, str]]:
+    """(index of the opening quote, quoted string) in the order GLM-Image reads them: '…', then “…”, then "…",
+    then 「…」."""
+    return [(m.start(), m.group(1)) for pattern in _QUOTES for m in re.finditer(pattern, prompt)]
 
 
 def extract_glyph_texts(prompt: str) -> list[str]:
-    """Quoted strings in the order GLM-Image reads them: '…', then “…”, then "…", then 「…」."""
-    return [m for pattern in QUOTES for m in re.findall(pattern, prompt)]
+    """Quoted strings in the order GLM-Image reads them (quoted_spans)."""
+    return [text for _, text in quoted_spans(prompt)]
 
 
 class GlyphEncoder(nn.Module):

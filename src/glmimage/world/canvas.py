@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from glmimage.glyph import QUOTES
+from glmimage.glyph import quoted_spans
 from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_shape, _draw_text
 from glmimage.world.scene import CELL_CENTERS, Background, Scene, Shape, Text
 
@@ -63,7 +63,7 @@ def canvas_text(prompt: str) -> str | None:
     """The quoted string the inference canvas writes: the first (in GLM-Image's reading order) that the prompt does
     not name as the text being replaced, so an edit draws the new word ('replace "OLD" with "NEW"' -> NEW), as its
     training canvas (the target scene's text) does; None when the prompt quotes nothing drawable."""
-    spans = [(m.start(), m.group(1)) for pattern in QUOTES for m in re.finditer(pattern, prompt)]
+    spans = quoted_spans(prompt)
     kept = [t for i, t in spans if not _REPLACED.search(prompt[:i])] or [t for _, t in spans]
     return next((t for t in kept if t.strip() and '"' not in t), None)
 
