@@ -45,15 +45,15 @@ def assemble(out: str | Path, *, preset_name: str = "world", dtype: str = "float
     folder = checkpoint.model_folder(base) if base is not None else None
     if folder is not None and not (folder / "model.safetensors").is_file():
         raise ValueError(f"base={base!r} is not a glmimage model folder (no {folder / 'model.safetensors'})")
-    state, from_base = {}, []
+    state, from_base, base_flat = {}, [], None
     for comp, (stage, name, prefix) in SOURCES.items():
         sd = _from_checkpoint(out / stage, prefix) if live else None
         if sd is None and (out / stage / name).is_file():
             sd = load_file(str(out / stage / name))
         if sd is None and folder is not None:
-            keep = lambda k, c=comp: k.startswith(c + ".")  # noqa: E731
-            flat = checkpoint.read_safetensors([folder / "model.safetensors"], keep=keep)
-            sd = {k[len(comp) + 1:]: v.float() for k, v in flat.items()}
+            if base_flat is None:  # read once, whatever the run lacks
+                base_flat = checkpoint.read_safetensors([folder / "model.safetensors"])
+            sd = {k[len(comp) + 1:]: v.float() for k, v in base_flat.items() if k.startswith(comp + ".")}
             from_base.append(comp)
         if not sd:
             where = f"{' and no checkpoint' if live else ''}{f' and none in {folder}' if folder else ''}"
