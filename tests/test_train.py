@@ -504,6 +504,8 @@ def test_eval_world_runs_and_reports(run_dir, tmp_path, capsys):
     for key in ("word_accuracy", "composition", "edit_success", "normalized_edit_distance"):
         assert 0.0 <= report[key] <= 1.0
     assert (out / "t2i_sheet.png").is_file() and (out / "edit_sheet.png").is_file()
+    for e in report["edits"]:  # a missed target says what it missed (a 2-step DiT misses)
+        assert e["target"] or (e["misses"] and all(isinstance(m, str) for m in e["misses"])), e
     table = capsys.readouterr().out
     assert "quoted-word accuracy" in table and "edit success" in table
     assert cli(["eval", "world", "--model", str(run_dir / "model"), "--n", "0", "--edits", "0"]) == 2

@@ -423,6 +423,38 @@ def test_canvas_writes_the_text_an_edit_asks_for():
     assert canvas_text('replace "A"') == "A"  # nothing else quoted: the only string
 
 
+def test_an_edit_that_keeps_the_text_gets_its_source_ink_on_the_canvas():
+    """An edit that quotes nothing ('use a black background') and keeps the text on its row in its font: the
+    inference canvas traces the source image's ink, within 3 % of the mask its training canvas draws (the
+    target's text); a plan that restyles the text (another font), a prompt that quotes a word, or no source keeps
+    the old rule. Before, such an edit had no text canvas and the DiT repainted letters from the source latents."""
+    from glmimage.train.data import token_codes
+    from glmimage.world.canvas import plan_canvas, plan_canvases, scene_canvas, text_mask, traced_text
+
+    edits = [e for e in (sample_edit(random.Random(i), kind="background") for i in range(300)) if e.source.texts][:30]
+    assert len(edits) >= 20
+    for e in edits:
+        src, src_ids, ids = np.asarray(render(e.source, 64)), token_codes(e.source, 4), token_codes(e.target, 4)
+        truth = scene_canvas(e.target, e.instruction, 64, source=e.source)[0]
+        assert np.allclose(truth, text_mask(e.target.texts, 64))  # training draws the target's text
+        assert not scene_canvas(e.target, e.instruction, 64)[0].any()  # a scene without its source: as before
+        traced = plan_canvas(e.instruction, ids, 64, 64, source=src, source_ids=src_ids)[0]
+        assert np.abs(traced - truth).mean() < 0.005 and np.abs(traced - truth)[truth > 0.5].mean() < 0.03
+        assert np.array_equal(traced, traced_text(src, src_ids))
+        assert not plan_canvas(e.instruction, ids, 64, 64)[0].any()
+    e = edits[0]
+    src, src_ids = render(e.source, 64), token_codes(e.source, 4)
+    font = next(f for f in FONT_STYLES if f != e.source.texts[0].font)
+    restyled = replace(e.target, objects=tuple(replace(o, font=font) if isinstance(o, Text) else o
+                                               for o in e.target.objects))
+    assert not plan_canvas("change the font", token_codes(restyled, 4), 64, 64, source=np.asarray(src),
+                           source_ids=src_ids)[0].any()
+    assert not scene_canvas(restyled, "change the font", 64, source=e.source)[0].any()
+    batch = plan_canvases([e.instruction, 'write "NEW"'], np.stack([token_codes(e.target, 4)] * 2), 64, 64,
+                          source=src.resize((32, 32)), source_ids=torch.from_numpy(src_ids))
+    assert batch[0, 0].sum() > 20 and not np.allclose(batch[1, 0], batch[0, 0])  # the quoted word wins
+
+
 def test_shape_canvas_is_decoded_from_the_plan_where_the_scene_draws_it():
     """The canvas's second channel: the shapes the semantic ids name, each in the cell whose centre the ids give,
     for every sampled scene but a rare one where text or another shape holds a centre's token; its silhouettes

@@ -400,7 +400,9 @@ class Pipeline:
         if self.cfg.dit.canvas_patch:  # the world model's canvas, laid out from the plan
             from glmimage.world.canvas import plan_canvases
 
-            canvas = plan_canvases(prompts, grid, height, width, self.cfg.dit.canvas_channels).to(dev, self.dtype)
+            source = (cond_images[0], cond_ids[0]) if cond_images else (None, None)  # the image edited, if any
+            canvas = plan_canvases(prompts, grid, height, width, self.cfg.dit.canvas_channels,
+                                   *source).to(dev, self.dtype)
         with tqdm(total=steps, desc="DiT steps", disable=not progress, leave=False) as bar:
             return dsample.generate_latents(self.dit, noise, prior=prior, glyph=glyph, glyph_mask=glyph_mask,
                                             size=(height, width), steps=steps, guidance=guidance,

@@ -122,6 +122,9 @@ def evaluate(pipe, cfg: EvalConfig) -> dict:
         got = pipe(edit.instruction, images=[src], height=size, width=size, seed=cfg.seed + i,
                    prior_ids=plan([edit.target]), **kw).images[0]
         r = edit_success(src, got, edit)
+        if not r["target"]:  # what the image got wrong of the target scene
+            r["misses"] = [k for k, ok in judge_composition(got, edit.target).items() if not ok] + [
+                f"text {t['target']!r} read {t['read']!r}" for t in judge_text(got, edit.target) if not t["exact"]]
         results.append({"kind": edit.kind, "instruction": edit.instruction, **r})
         edit_images.append((src, got, edit.instruction))
 

@@ -106,7 +106,8 @@ def main(cfg: DiTTrainConfig) -> Path:
     canvas_on, channels = bool(mcfg.dit.canvas_patch), mcfg.dit.canvas_channels
     if canvas_on:  # the canvas is drawn from each row's scene graph (the target scene of an edit)
         graphs = scene_graphs(scenes)
-        targets = [e.target for e in scene_graphs(edits)]
+        pairs = scene_graphs(edits)
+        targets, sources = [e.target for e in pairs], [e.source for e in pairs]
 
     torch.manual_seed(cfg.seed)
     dit = DiT(mcfg.dit)
@@ -173,8 +174,9 @@ def main(cfg: DiTTrainConfig) -> Path:
         canvas = None
         if canvas_on:
             rows = [(targets if is_edit else graphs)[i] for i in idx]
-            canvas = torch.from_numpy(np.stack([scene_canvas(sc, text, size, channels)
-                                                for sc, text in zip(rows, texts)]))
+            srcs = [sources[i] if is_edit else None for i in idx]
+            canvas = torch.from_numpy(np.stack([scene_canvas(sc, text, size, channels, source)
+                                                for sc, text, source in zip(rows, texts, srcs)]))
         if is_edit:
             src = torch.from_numpy(np.array(lat_s[idx], dtype=np.float32))
             src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))

@@ -13,6 +13,9 @@ ids that carry the layout, as the world tokenizer's do, and the canvas carries n
 
 Training draws the canvas from the scene graph (`scene_canvas`), inference from the plan (`plan_canvas`, which
 decodes the layout from the ids): the same renderer, so the DiT learns to put the ink exactly where the canvas has it.
+An edit that quotes nothing but keeps its source's text ('use a black background') cannot spell the word from the
+prompt: its inference canvas traces the source image's ink (`traced_text`, within 1 % of the rendered mask), and its
+training canvas draws the target's text, which is the same ink.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from glmimage.glyph import quoted_spans
-from glmimage.world.render import SUPERSAMPLE, TEXT_LAYOUT, _draw_shape, _draw_text
+from glmimage.world.colors import PALETTE
+from glmimage.world.render import SUPERSAMPLE, TEXT_BANDS, TEXT_LAYOUT, _draw_shape, _draw_text
 from glmimage.world.scene import CELL_CENTERS, Background, Scene, Shape, Text
 
 CHANNELS = ("text", "shapes")  # canvas channels, in order; a model reads the first DiTConfig.canvas_channels
@@ -73,12 +77,20 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"canvas channels must be 1 (text) or 2 (text, shapes), got {channels!r}")
 
 
-def scene_canvas(scene: Scene, prompt: str, size: int, channels: int = 1) -> np.ndarray:
-    """Training canvas -> (channels, size, size) float32: the scene's text where the prompt quotes text that
-    plan_canvas would draw (else empty), then the scene's shapes."""
+def _kept_text(source: Scene | None, scene: Scene) -> bool:
+    """An edit keeps its source's text where it was, in its font (plan_canvas then traces the source's ink)."""
+    layout = lambda s: sorted((t.row, t.font) for t in s.texts)  # noqa: E731
+    return source is not None and bool(scene.texts) and layout(source) == layout(scene)
+
+
+def scene_canvas(scene: Scene, prompt: str, size: int, channels: int = 1, source: Scene | None = None) -> np.ndarray:
+    """Training canvas -> (channels, size, size) float32: the scene's text where plan_canvas would draw text (the
+    prompt quotes it, or an edit of `source` quotes nothing and keeps its text in place), else empty; then the
+    scene's shapes."""
     _check_channels(channels)
     out = np.zeros((channels, size, size), np.float32)
-    if scene.texts and canvas_text(prompt) is not None:
+    quoted = canvas_text(prompt) is not None
+    if scene.texts and (quoted or _kept_text(source, scene)):
         out[0] = text_mask(scene.texts, size)
     if channels > 1 and scene.shapes:
         out[1] = shape_mask(scene.shapes, size)
@@ -152,20 +164,62 @@ def plan_shapes(ids: np.ndarray) -> list[Shape]:
     return out
 
 
-def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int, channels: int = 1) -> np.ndarray:
+def traced_text(source: np.ndarray, source_ids: np.ndarray) -> np.ndarray:
+    """The ink of the line of text in a source image: (size, size) float32 in [0, 1], the share of each pixel that is
+    ink, as text_mask draws it. The renderer blends ink over paper (pixel = a·ink + (1-a)·paper), so a is the
+    pixel's projection onto ink - paper, with the ink the colour the ids name and the paper the background fitted
+    (linear in y, as gradients are) on the background tokens; read in the band of the row the ids put the text on.
+    source: (size, size, 3) uint8, source_ids: its square grid of ids (grid², raster order)."""
+    from glmimage.train.data import COLORS, FONTS, N_BG, N_SHAPE, TEXT_PARTS
+
+    ids, grid = _grid(source_ids)
+    size = source.shape[0]
+    if source.shape != (size, size, 3) or size % grid:
+        raise ValueError(f"source must be (size, size, 3) with size divisible by the grid {grid}, got {source.shape}")
+    out = np.zeros((size, size), np.float32)
+    layout = plan_layout(ids)
+    if layout is None:
+        return out
+    text = ids[ids >= N_BG + N_SHAPE] - N_BG - N_SHAPE
+    ink = np.array(PALETTE[COLORS[int(np.bincount(text // (len(TEXT_PARTS) * len(FONTS))).argmax())]], np.float64)
+    rgb = source.astype(np.float64)
+    paper_tokens = (ids < N_BG).reshape(grid, grid).repeat(size // grid, 0).repeat(size // grid, 1)
+    y0, y1 = (round(v * size) for v in TEXT_BANDS[layout[0]])
+    band = np.zeros((size, size), bool)
+    band[y0:y1] = True
+    fit = paper_tokens & ~band
+    if not fit.any():  # no paper outside the band: the image's left and right columns
+        fit = np.zeros((size, size), bool)
+        fit[:, [0, -1]] = True
+    ys, _ = np.nonzero(fit)
+    design = np.stack([np.ones(len(ys)), ys / size], 1)
+    coef, *_ = np.linalg.lstsq(design, rgb[fit], rcond=None)  # (2, 3): paper(y) = c0 + c1·y
+    paper = (np.stack([np.ones(size), np.arange(size) / size], 1) @ coef)[:, None, :]  # (size, 1, 3)
+    contrast = ink - paper
+    a = ((rgb - paper) * contrast).sum(-1) / np.maximum((contrast ** 2).sum(-1), 1.0)
+    out[band] = np.clip(a[band], 0.0, 1.0)
+    return out
+
+
+def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int, channels: int = 1,
+                source: np.ndarray | None = None, source_ids: np.ndarray | None = None) -> np.ndarray:
     """Inference canvas -> (channels, height, width) float32: the prompt's quoted string (canvas_text), centred on the
     row and in the font the plan's ids give, then the shapes the ids give (plan_shapes). Empty where the prompt quotes
     nothing or the plan has no text or no shape, and all empty when the image is not square (the world's renderer
-    lays scenes out on square images only)."""
+    lays scenes out on square images only). An edit (source: the image edited, (height, width, 3) uint8, and
+    source_ids: what the ViT reads from it) whose prompt quotes nothing and whose plan keeps the source's text on its
+    row in its font gets the source's ink traced (traced_text): the letters stay the letters they were."""
     _check_channels(channels)
     out = np.zeros((channels, height, width), np.float32)
     if height != width:
         return out
-    text = canvas_text(prompt)
-    layout = plan_layout(ids) if text is not None else None
-    if layout is not None:
+    text, layout = canvas_text(prompt), plan_layout(ids)
+    if text is not None and layout is not None:
         row, font = layout
         out[0] = text_mask([Text(text=text, font=font, color="white", row=row)], height)
+    elif text is None and layout is not None and source is not None and source_ids is not None \
+            and np.size(source_ids) == np.size(ids) and plan_layout(source_ids) == layout:
+        out[0] = traced_text(source, source_ids)
     if channels > 1:
         shapes = plan_shapes(ids)
         if shapes:
@@ -174,11 +228,17 @@ def plan_canvas(prompt: str, ids: np.ndarray, height: int, width: int, channels:
 
 
 def plan_canvases(prompts: Sequence[str], ids: Sequence[np.ndarray] | np.ndarray | torch.Tensor, height: int,
-                  width: int, channels: int = 1) -> torch.Tensor:
-    """plan_canvas of a batch: prompts and their target grids (B, grid²) -> (B, channels, height, width) float32."""
+                  width: int, channels: int = 1, source: Image.Image | None = None,
+                  source_ids: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """plan_canvas of a batch: prompts and their target grids (B, grid²) -> (B, channels, height, width) float32;
+    source / source_ids: the image every prompt edits and the ViT's reading of it, if any."""
     if isinstance(ids, torch.Tensor):
         ids = ids.cpu().numpy()
     if len(prompts) != len(ids):
         raise ValueError(f"got {len(prompts)} prompts and {len(ids)} grids of ids")
-    return torch.from_numpy(np.stack([plan_canvas(p, np.asarray(i), height, width, channels)
+    if source is not None:
+        source = np.asarray(source.convert("RGB").resize((width, height), Image.Resampling.LANCZOS))
+    if isinstance(source_ids, torch.Tensor):
+        source_ids = source_ids.cpu().numpy()
+    return torch.from_numpy(np.stack([plan_canvas(p, np.asarray(i), height, width, channels, source, source_ids)
                                       for p, i in zip(prompts, ids)]))
