@@ -105,18 +105,26 @@ def _grid(ids: np.ndarray) -> tuple[np.ndarray, int]:
     return ids, grid
 
 
+def _text_tokens(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tokens of a flat grid of ids that hold text, and the colour and font index each names (token_codes)."""
+    from glmimage.train.data import FONTS, N_BG, N_SHAPE, TEXT_PARTS
+
+    where = np.flatnonzero(ids >= N_BG + N_SHAPE)
+    colour, font = np.divmod((ids[where] - N_BG - N_SHAPE) // len(TEXT_PARTS), len(FONTS))
+    return where, colour, font
+
+
 def plan_layout(ids: np.ndarray) -> tuple[int, str] | None:
     """(text row, font) that a target grid of semantic ids (grid², raster order) gives its line of text: the row
     whose centre is nearest the text tokens' mean height, and their most common font; None without text tokens."""
-    from glmimage.train.data import FONTS, N_BG, N_SHAPE, TEXT_PARTS
+    from glmimage.train.data import FONTS
 
     ids, grid = _grid(ids)
-    where = np.flatnonzero(ids >= N_BG + N_SHAPE)
+    where, _, fonts = _text_tokens(ids)
     if not len(where):
         return None
     y = ((where // grid) + 0.5).mean() / grid
     row = min(TEXT_LAYOUT, key=lambda r: abs(TEXT_LAYOUT[r][0] - y))
-    fonts = ((ids[where] - N_BG - N_SHAPE) // len(TEXT_PARTS)) % len(FONTS)
     return row, FONTS[int(np.bincount(fonts, minlength=len(FONTS)).argmax())]
 
 
@@ -170,7 +178,7 @@ def traced_text(source: np.ndarray, source_ids: np.ndarray) -> np.ndarray:
     pixel's projection onto ink - paper, with the ink the colour the ids name and the paper the background fitted
     (linear in y, as gradients are) on the background tokens; read in the band of the row the ids put the text on.
     source: (size, size, 3) uint8, source_ids: its square grid of ids (grid², raster order)."""
-    from glmimage.train.data import COLORS, FONTS, N_BG, N_SHAPE, TEXT_PARTS
+    from glmimage.train.data import COLORS, N_BG
 
     ids, grid = _grid(source_ids)
     size = source.shape[0]
@@ -180,8 +188,7 @@ def traced_text(source: np.ndarray, source_ids: np.ndarray) -> np.ndarray:
     layout = plan_layout(ids)
     if layout is None:
         return out
-    text = ids[ids >= N_BG + N_SHAPE] - N_BG - N_SHAPE
-    ink = np.array(PALETTE[COLORS[int(np.bincount(text // (len(TEXT_PARTS) * len(FONTS))).argmax())]], np.float64)
+    ink = np.array(PALETTE[COLORS[int(np.bincount(_text_tokens(ids)[1]).argmax())]], np.float64)
     rgb = source.astype(np.float64)
     paper_tokens = (ids < N_BG).reshape(grid, grid).repeat(size // grid, 0).repeat(size // grid, 1)
     y0, y1 = (round(v * size) for v in TEXT_BANDS[layout[0]])
