@@ -470,6 +470,45 @@ def test_tokenizer_factored_codebook_keeps_rows_sums_of_their_factors(run_dir, t
                         .double())
 
 
+def test_greyscale_batches_are_scored_on_all_but_colour(run_dir, tmp_path):
+    """grey_fraction: a greyscale image is scored on the ids that differ from its target only in colour, so a
+    reading right but for the colour costs what the right id costs; in colour, it costs the wrong id's loss."""
+    from glmimage.train.data import code_factors, colour_classes
+    from glmimage.train.tokenizer import colour_blind_loss, greyscale
+
+    same = colour_classes()
+    for code in (0, 7, 59, N_BG, N_BG + 500, N_BG + N_SHAPE - 1, N_BG + N_SHAPE, N_BG + N_SHAPE + 239):
+        row = same[code].tolist()
+        assert code in row and len(set(row)) == len(COLORS)
+        for other in row:  # the same but for the colour (a background's one factor is colour × gradient)
+            if code < N_BG:
+                assert other < N_BG and other % GRADIENTS == code % GRADIENTS
+            else:
+                f = [x for x in code_factors(other) if "colour" not in x[0]]
+                assert f == [x for x in code_factors(code) if "colour" not in x[0]], (code, other)
+    red_circle = N_BG + ((SHAPES.index("circle") * len(COLORS) + COLORS.index("red")) * PARTS + 1) * PARTS + 2
+    blue_circle = N_BG + ((SHAPES.index("circle") * len(COLORS) + COLORS.index("blue")) * PARTS + 1) * PARTS + 2
+    red_square = N_BG + ((SHAPES.index("square") * len(COLORS) + COLORS.index("red")) * PARTS + 1) * PARTS + 2
+    target = torch.full((1, 1), red_circle)
+    for wrong, grey_costs in ((blue_circle, False), (red_square, True)):
+        logits = torch.zeros(1, 1, 1456)
+        logits[..., wrong] = 20.0
+        grey, colour = colour_blind_loss(logits, target, 1, same), colour_blind_loss(logits, target, 0, same)
+        assert colour > 15 and (grey > 15) == grey_costs, (wrong, grey, colour)
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    g = greyscale(images, 2)
+    assert (g[:2, ..., 0] == g[:2, ..., 2]).all() and (g[2] == images[2]).all() and not (g[:2] == images[:2]).all()
+
+    out = tmp_path / "run"
+    for dep in ("data", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb", "vq.safetensors"))
+    train.run("tokenizer", "quick", out=str(out), steps=2, grey_fraction=0.5)
+    assert (out / "tokenizer" / "vq.safetensors").is_file()
+    with pytest.raises(ValueError, match="grey_fraction"):
+        train.run("tokenizer", "quick", out=str(out), steps=3, grey_fraction=1.5)
+
+
 def test_bf16_autocast_by_default_only_where_it_is_native(monkeypatch):
     from glmimage.train import common as C
 

@@ -78,6 +78,26 @@ def code_factors(code: int) -> list[tuple[str, int]]:
             ("is_text", 0)]
 
 
+def colour_classes(k: int = NUM_CODES) -> torch.Tensor:
+    """(k, len(COLORS)) int64: for each id, the ids that say the same but in each colour (background: colour × the
+    same gradient; shape: the same shape and part; text: the same font and part). What an image without its colours
+    (greyscale) still tells apart; row c holds c itself."""
+    n = len(COLORS)
+    out = torch.empty(k, n, dtype=torch.long)
+    colours = torch.arange(n)
+    for code in range(k):
+        if code < N_BG:
+            out[code] = colours * GRADIENTS + code % GRADIENTS
+        elif code < N_BG + N_SHAPE:
+            q, part = divmod(code - N_BG, PARTS * PARTS)
+            out[code] = N_BG + ((q // n) * n + colours) * PARTS * PARTS + part
+        else:
+            q = code - N_BG - N_SHAPE
+            part, q = q % len(TEXT_PARTS), q // len(TEXT_PARTS)
+            out[code] = N_BG + N_SHAPE + (colours * len(FONTS) + q % len(FONTS)) * len(TEXT_PARTS) + part
+    return out
+
+
 def factor_matrix(k: int = NUM_CODES) -> torch.Tensor:
     """(k, F) 0/1 float: which factors (code_factors) each of the ids 0 … k-1 is made of."""
     columns: dict[tuple[str, int], int] = {}

@@ -51,6 +51,11 @@ class TokenizerTrainConfig(C.StageConfig):
     # the codebook rows of the world's ids are sums of factor vectors (FactoredCodebook) while training, so that an
     # id never seen (a held-out shape–colour pair) has the row its shape and its colour give and is read like the rest
     factored_codebook: bool = False
+    # this share of each batch is shown in greyscale and scored on all but colour (the summed probability of the ids
+    # that say the same in any colour): the ViT must tell a shape from its outline alone, not from which colours it
+    # came in during training, which is how it misread held-out pairs (a purple circle as a square: purple squares
+    # are in training, purple circles are not). No held-out pair is shown: a greyscale image has no colour.
+    grey_fraction: float = 0.0
 
 
 def stage_dir(cfg) -> Path:
@@ -166,6 +171,11 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     opt = C.make_optimizer([p for m in models.values() for p in m.parameters()], cfg)
     state = C.load_checkpoint(out, models, opt)
 
+    if not 0.0 <= cfg.grey_fraction <= 1.0:
+        raise ValueError(f"grey_fraction must be in [0, 1], got {cfg.grey_fraction}")
+    n_grey = round(cfg.grey_fraction * cfg.batch_size)
+    same_but_colour = D.colour_classes(k)
+
     def codebook() -> torch.Tensor | None:
         return torch.cat([models["factors"](), vq.codebook.weight[k:]]) if cfg.factored_codebook else None
 
@@ -180,19 +190,20 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         idx = np.sort(torch.randint(0, n - n_val, (cfg.batch_size,), generator=g).numpy())
-        x = normalize(images[idx], mean, std)
+        x = normalize(greyscale(images[idx], n_grey), mean, std)
         target = ids[idx]
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
         logits = cosine_logits(vq, x, cfg.logit_scale, cfg.bf16, codebook())
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss = colour_blind_loss(logits, target, n_grey, same_but_colour)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(vq.parameters(), cfg.grad_clip)
         opt.step()
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            acc = _accuracies(logits.argmax(-1), target)
+            seen = slice(n_grey, None) if n_grey < len(idx) else slice(None)  # in colour, where one is
+            acc = _accuracies(logits[seen].argmax(-1), target[seen])
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc['acc']:.2f}")
             log.scalars(step, loss=loss.item(), grad_norm=gn.item(), lr=C.lr_at(step, cfg), **acc)
         done = step + 1
@@ -221,6 +232,28 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     if cfg.steps > 0 or cfg.init:  # a ViT that has learnt to read (not the random one of `--steps 0`)
         np.save(out / "ids_source_read.npy", read_sources(vq, root, mean, std).astype(np.int16))
     return out
+
+
+def greyscale(images: np.ndarray, n: int) -> np.ndarray:
+    """The first n of a batch of uint8 RGB images as their luminance (ITU-R 601), the rest as they are."""
+    if n == 0:
+        return images
+    out = np.array(images)
+    luma = np.rint(out[:n].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+    out[:n] = np.clip(luma, 0, 255).astype(np.uint8)[..., None]
+    return out
+
+
+def colour_blind_loss(logits: torch.Tensor, target: torch.Tensor, n_grey: int,
+                      same_but_colour: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per token over the codebook; for the first n_grey images (shown in greyscale), of the summed
+    probability of the ids that differ from the target only in colour (`data.colour_classes`)."""
+    logp = logits.float().log_softmax(-1)
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    if n_grey:
+        blind = -logp[:n_grey].gather(-1, same_but_colour[target[:n_grey]]).logsumexp(-1)
+        nll = torch.cat([blind, nll[n_grey:]])
+    return nll.mean()
 
 
 def read_sources(vq: VisualTokenizer, root: Path, mean, std) -> np.ndarray:
