@@ -503,7 +503,7 @@ def test_greyscale_batches_are_scored_on_all_but_colour(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "tokenizer"):
         shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb", "vq.safetensors"))
-    train.run("tokenizer", "quick", out=str(out), steps=2, grey_fraction=0.5)
+    train.run("tokenizer", "quick", out=str(out), steps=2, grey_fraction=0.5, edit_images=True)
     assert (out / "tokenizer" / "vq.safetensors").is_file()
     with pytest.raises(ValueError, match="grey_fraction"):
         train.run("tokenizer", "quick", out=str(out), steps=3, grey_fraction=1.5)

@@ -22,7 +22,7 @@ RECIPES: dict[str, dict[str, dict]] = {
     "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
     "tokenizer": {"world": dict(steps=2500, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250,
-                            factored_codebook=True),
+                            factored_codebook=True, edit_images=True),
                   "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
     "ar": {"world": dict(steps=5500, batch_size=64, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=250),
            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},

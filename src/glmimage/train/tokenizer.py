@@ -52,10 +52,12 @@ class TokenizerTrainConfig(C.StageConfig):
     # id never seen (a held-out shape–colour pair) has the row its shape and its colour give and is read like the rest
     factored_codebook: bool = False
     # this share of each batch is shown in greyscale and scored on all but colour (the summed probability of the ids
-    # that say the same in any colour): the ViT must tell a shape from its outline alone, not from which colours it
-    # came in during training, which is how it misread held-out pairs (a purple circle as a square: purple squares
-    # are in training, purple circles are not). No held-out pair is shown: a greyscale image has no colour.
+    # that say the same in any colour): the shape from its outline alone. Meant against the held-out pairs' misreads
+    # (a purple circle read as a square); not shown to help: the same steps all in colour read them better (README)
     grey_fraction: float = 0.0
+    # also train on the edit pairs' source and target images (their scene graphs' ids): ten times the images of the
+    # scenes alone when the data stage makes 240,000 edits, against the ViT's overfitting to 60,000 scenes
+    edit_images: bool = False
 
 
 def stage_dir(cfg) -> Path:
@@ -174,6 +176,20 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     if not 0.0 <= cfg.grey_fraction <= 1.0:
         raise ValueError(f"grey_fraction must be in [0, 1], got {cfg.grey_fraction}")
     n_grey = round(cfg.grey_fraction * cfg.batch_size)
+    pool = [(images, ids, n - n_val)]  # (images, their ids, how many to train on): the scenes, then the edits'
+    if cfg.edit_images:
+        edits = D.Dataset(root / "data" / "edits")
+        for key in ("source", "target"):
+            pool.append((edits[key], torch.from_numpy(np.load(out / f"ids_{key}.npy").astype(np.int64)), len(edits)))
+    ends = np.cumsum([m for _, _, m in pool])
+
+    def batch(idx: np.ndarray, g: torch.Generator) -> tuple[np.ndarray, torch.Tensor]:
+        if len(pool) == 1:
+            return images[idx], ids[idx]
+        local = [idx[(idx >= end - m) & (idx < end)] - (end - m) for (_, _, m), end in zip(pool, ends)]
+        parts = [(im[i], t[i]) for (im, t, _), i in zip(pool, local)]
+        perm = torch.randperm(len(idx), generator=g)  # the greyscale rows drawn from the whole pool
+        return np.concatenate([x for x, _ in parts])[perm.numpy()], torch.cat([t for _, t in parts])[perm]
     same_but_colour = D.colour_classes(k)
 
     def codebook() -> torch.Tensor | None:
@@ -189,9 +205,9 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     pause = C.Pause(out)
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
-        idx = np.sort(torch.randint(0, n - n_val, (cfg.batch_size,), generator=g).numpy())
-        x = normalize(greyscale(images[idx], n_grey), mean, std)
-        target = ids[idx]
+        idx = np.sort(torch.randint(0, int(ends[-1]), (cfg.batch_size,), generator=g).numpy())
+        pixels, target = batch(idx, g)
+        x = normalize(greyscale(pixels, n_grey), mean, std)
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
         logits = cosine_logits(vq, x, cfg.logit_scale, cfg.bf16, codebook())
