@@ -11,8 +11,9 @@ hold background × shape × colour × part, and a ViT from scratch needs thousan
 a circle from a square, so reconstruction codes spent their capacity on background colours and lost the shapes.
 
 The ViT + cosine codebook (`tokenizer.vq.VisualTokenizer`, the official architecture) is then trained to read
-these ids from pixels: ids = argmax cosine(projected features, codebook) is exactly its `quantize`, so training
-is a cosine-softmax classifier over the codebook. It is what turns condition images into ids for image-to-image.
+these ids from pixels (the scenes', and with `edit_images` the edit pairs' images too): ids = argmax cosine(projected
+features, codebook) is exactly its `quantize`, so training is a cosine-softmax classifier over the codebook. It is
+what turns condition images into ids for image-to-image.
 
 Outputs in <out>/tokenizer/: ids_*.npy (int16: scenes target grid, scenes preview grid, edit sources, edit
 targets; written first), vq.safetensors, code_patches.npy (a picture of each id, for sample grids),
