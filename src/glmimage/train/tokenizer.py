@@ -191,7 +191,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
         parts = [(im[i], t[i]) for (im, t, _), i in zip(pool, local)]
         perm = torch.randperm(len(idx), generator=g)  # the greyscale rows drawn from the whole pool
         return np.concatenate([x for x, _ in parts])[perm.numpy()], torch.cat([t for _, t in parts])[perm]
-    same_but_colour = D.colour_classes(k)
+    same_but_colour = D.colour_classes(k) if n_grey else None  # only the greyscale rows' loss reads it
 
     def codebook() -> torch.Tensor | None:
         return torch.cat([models["factors"](), vq.codebook.weight[k:]]) if cfg.factored_codebook else None
@@ -262,7 +262,7 @@ def greyscale(images: np.ndarray, n: int) -> np.ndarray:
 
 
 def colour_blind_loss(logits: torch.Tensor, target: torch.Tensor, n_grey: int,
-                      same_but_colour: torch.Tensor) -> torch.Tensor:
+                      same_but_colour: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy per token over the codebook; for the first n_grey images (shown in greyscale), of the summed
     probability of the ids that differ from the target only in colour (`data.colour_classes`)."""
     logp = logits.float().log_softmax(-1)
