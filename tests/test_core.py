@@ -52,6 +52,40 @@ def test_batched_generation_equals_single(pipe):
     assert diff > 1
 
 
+def test_ar_guidance_samples_from_the_guided_logits(pipe):
+    """Guided decoding (cond and uncond rows in one cached batch, left-padded to different lengths) writes what
+    greedy decoding of uncond + g * (cond - uncond) gives when each sequence is recomputed in full, uncached."""
+    tok, ar, n_codes = pipe.tokenizer, pipe.ar, pipe.cfg.vq.codebook_size
+    grids = dict(target=(2, 3), preview=(3, 2))
+    cond = argen.layout_prompt(tok, "a red circle to the left of a blue star", **grids)
+    unc = argen.layout_prompt(tok, "", **grids)
+    g = 3.0
+
+    def last_logits(lay, new):
+        ids = torch.cat([lay.ids, new])[None]
+        pos = torch.cat([lay.pos, lay.decode_pos[:, :new.numel()]], dim=1)[:, None]
+        n = ids.shape[1]
+        return ar(ids, pos, torch.ones(n, n, dtype=torch.bool).tril()[None, None])[0, -1, :n_codes]
+
+    ar.clear_caches()  # full, uncached forwards
+    with torch.no_grad():
+        new, plain = torch.empty(0, dtype=torch.long), []
+        for _ in range(cond.num_new):
+            c, u = last_logits(cond, new), last_logits(unc, new)
+            plain.append(int(c.argmax()))
+            new = torch.cat([new, (u + g * (c - u)).argmax()[None]])
+    kw = dict(codebook_size=n_codes, pad_id=tok.pad_id, greedy=True)
+    guided = argen.generate(ar, [cond, cond], guidance=g, uncond=[unc, unc], **kw)
+    assert guided.tolist() == [new.tolist()] * 2
+    assert new.tolist() != plain  # the guidance changed the plan (else the test proves nothing)
+    assert torch.equal(argen.generate(ar, [cond], guidance=1.0, uncond=[unc], **kw),
+                       argen.generate(ar, [cond], **kw))
+    with pytest.raises(ValueError, match="unconditional"):
+        argen.generate(ar, [cond], guidance=g, uncond=[unc, unc], **kw)
+    out = pipe("a red circle", ar_guidance_scale=2.0, num_inference_steps=2, progress=False)
+    assert out.images[0].size == (pipe.cfg.sampling.width, pipe.cfg.sampling.height)
+
+
 def test_sampling_is_seeded_and_varies(pipe):
     a = pipe("a star", seed=1, num_inference_steps=2, progress=False)
     b = pipe("a star", seed=1, num_inference_steps=2, progress=False)
@@ -248,6 +282,8 @@ def test_image_to_image_runs_with_different_sizes(pipe, tmp_path):
     (dict(prompt="x", width=0), "multiple"),
     (dict(prompt="x", height=32, width=256), "aspect ratio"),
     (dict(prompt="x", num_inference_steps=0), ">= 1"),
+    (dict(prompt="x", ar_guidance_scale=-1.0), "ar_guidance_scale"),
+    (dict(prompt="x", ar_guidance_scale=float("nan")), "ar_guidance_scale"),
 ])
 def test_bad_generation_arguments(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):

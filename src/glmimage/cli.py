@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT denoising steps (default: model's, 50 for GLM-Image)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (GLM-Image: 1.5); "
                    "<= 1 disables guidance")
+    p.add_argument("--ar-guidance", type=float, default=None, help="classifier-free guidance of the AR's logits "
+                   "against the caption left out (default: the model's; 1 = none, as GLM-Image)")
     p.add_argument("--seed", type=int, default=0, help="random seed for AR sampling and the initial noise")
     p.add_argument("--temperature", type=float, default=None, help="AR sampling temperature (GLM-Image: 0.9)")
     p.add_argument("--top-p", type=float, default=None, help="AR nucleus sampling threshold (GLM-Image: 0.75)")
@@ -84,7 +86,8 @@ def _run(args: argparse.Namespace, images: list[str] | None) -> None:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     result = pipe([args.prompt] * args.n, images=images, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, greedy=args.greedy, progress=not args.quiet)
+                  top_k=args.top_k, greedy=args.greedy, ar_guidance_scale=args.ar_guidance,
+                  progress=not args.quiet)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(args.n)]
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--steps", type=int, default=None, help="DiT steps (default: the model's)")
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--temperature", type=float, default=None)
+    ev.add_argument("--ar-guidance", type=float, default=None, help="AR classifier-free guidance (default: model's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--true-ids", action="store_true", help="judge the DiT alone: paint each scene's true semantic "
                     "ids (from its scene graph) instead of the AR's; the gap to a plain run is what the AR loses")
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate(pipe, EvalConfig(n_per_kind=args.n, n_edits=args.edits, seed=args.seed,
                                                steps=args.steps, guidance=args.guidance,
                                                temperature=args.temperature, true_ids=args.true_ids,
+                                               ar_guidance=args.ar_guidance,
                                                out=args.out))
             print(format_table(report))
             print(f"wrote {Path(args.out) / 'world_eval.json'}")

@@ -24,6 +24,7 @@ class SamplingConfig:
     top_k: int | None = 50  # transformers 5 applies top_k=50 when generation_config leaves it unset
     num_inference_steps: int = 50
     guidance_scale: float = 1.5
+    ar_guidance_scale: float = 1.0  # classifier-free guidance of the AR's logits (1: none, as the official model)
     height: int = 1024
     width: int = 1024
 

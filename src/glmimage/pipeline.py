@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import resource
 import sys
 import time
@@ -310,14 +311,16 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | list[int] = 0, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, greedy: bool = False,
                  negative_prompt: str | None = None, prior_ids: torch.Tensor | None = None,
-                 progress: bool = True) -> Result:
+                 ar_guidance_scale: float | None = None, progress: bool = True) -> Result:
         """Generate one image per prompt. images: condition images (PIL or paths) shared by every prompt.
 
         seed: one seed for the batch (one generator drawn row after row, like diffusers), or one seed per prompt
         (each row then gives the image it would give alone: what a server batching requests needs).
         negative_prompt: the unconditional branch's glyph text (its quoted strings), instead of none.
         prior_ids: the target grid to paint, (B, th, tw) or (th, tw) for every prompt, instead of sampling it with
-        the AR (the reference pipeline's `prior_token_ids`): a plan edited by hand, or the true ids of a scene."""
+        the AR (the reference pipeline's `prior_token_ids`): a plan edited by hand, or the true ids of a scene.
+        ar_guidance_scale: classifier-free guidance of the AR's logits against the same prompt with the caption left
+        out (LlamaGen); 1 (the default) is none, as GLM-Image. For models trained with caption dropout."""
         sc = self.cfg.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = sc.height if height is None else height
@@ -325,6 +328,9 @@ class Pipeline:
         steps = sc.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = sc.guidance_scale if guidance_scale is None else guidance_scale
         self.validate(prompts, height, width, steps, negative_prompt)
+        ar_guidance = sc.ar_guidance_scale if ar_guidance_scale is None else ar_guidance_scale
+        if not (isinstance(ar_guidance, (int, float)) and math.isfinite(ar_guidance) and ar_guidance >= 0):
+            raise ValueError(f"ar_guidance_scale must be a finite number >= 0 (1 = no AR guidance), got {ar_guidance}")
         if isinstance(seed, list) and len(seed) != len(prompts):
             raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
         conds = [load_image(im) for im in (images or [])]
@@ -347,16 +353,21 @@ class Pipeline:
             if prior_ids is not None:  # the plan is given: the AR does not run
                 grid = prior_ids.to(dev)
             else:
+                cond = [(ids.flatten(), *ids.shape) for ids in cond_ids]
                 layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
-                                               cond=[(ids.flatten(), *ids.shape) for ids in cond_ids])
-                           for p in prompts]
+                                               cond=cond) for p in prompts]
                 n_new = layouts[0].num_new
+                uncond = None  # AR guidance: the same layout with the caption left out (caption dropout's rows)
+                if ar_guidance != 1.0:
+                    uncond = [argen.layout_prompt(self.tokenizer, "", target=target,
+                                                  preview=None if conds else preview, cond=cond)] * b
                 with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
                     tokens = self._generate_tokens(
                         layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
                         temperature=sc.temperature if temperature is None else temperature,
                         top_p=sc.top_p if top_p is None else top_p, top_k=sc.top_k if top_k is None else top_k,
-                        greedy=greedy, generator=_generators(seed, dev), progress=bar)
+                        greedy=greedy, generator=_generators(seed, dev), progress=bar,
+                        guidance=ar_guidance, uncond=uncond)
                 th, tw = target
                 grid = tokens[:, n_new - th * tw:].view(b, th, tw)  # the preview grid is discarded
             self._sync()

@@ -166,16 +166,24 @@ def decode_one_token(model: ARModel, tok: torch.Tensor, pos: torch.Tensor, mask:
 def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_id: int, temperature: float = 0.9,
              top_p: float | None = 0.75, top_k: int | None = None, greedy: bool = False,
              generator: torch.Generator | list[torch.Generator] | None = None, progress=None,
-             decode=decode_one_token) -> torch.Tensor:
+             decode=decode_one_token, guidance: float = 1.0, uncond: list[Prompt] | None = None) -> torch.Tensor:
     """Write every grid of every prompt -> ids (B, N), N = sum of grid sizes (all prompts share one layout).
 
     Prompts of different lengths are left-padded into one batch. The decode loop keeps every tensor on the
     device (positions, masks and sampling included): nothing waits for the host between tokens. `decode` is
-    `decode_one_token` or a compiled version of it (static shapes: one compilation per batch size and length)."""
-    if len({p.grids for p in prompts}) != 1:
+    `decode_one_token` or a compiled version of it (static shapes: one compilation per batch size and length).
+
+    guidance > 1 with `uncond` (one prompt per prompt, the same layout with the caption left out): classifier-free
+    guidance of the AR (LlamaGen): both run in one batch of 2B rows, and each token is sampled from
+    uncond + guidance * (cond - uncond) of their logits, then fed to both rows."""
+    guided = guidance != 1.0 and uncond is not None
+    if guided and len(uncond) != len(prompts):
+        raise ValueError(f"got {len(uncond)} unconditional prompts for {len(prompts)} prompts")
+    rows = prompts + list(uncond) if guided else prompts
+    if len({p.grids for p in rows}) != 1:
         raise ValueError("all prompts of a batch must request the same grids (same size and mode)")
     device = model.embed_tokens.weight.device
-    ids, pos, valid, dpos = _batch(prompts, pad_id, device)
+    ids, pos, valid, dpos = _batch(rows, pad_id, device)
     b, t = ids.shape
     n = prompts[0].num_new
     model.setup_caches(b, -(-(t + n) // 128) * 128)  # cache length in buckets of 128: few shapes to compile
@@ -186,7 +194,12 @@ def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_i
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         # The head also scores the 128 special ids; a grid cell must be a codebook entry.
-        return sample(logits[:, :codebook_size], **kw)
+        logits = logits[:, :codebook_size]
+        if guided:
+            c, u = logits.float().chunk(2)
+            logits = u + guidance * (c - u)
+        tok = sample(logits, **kw)
+        return torch.cat([tok, tok]) if guided else tok
 
     out = torch.empty(b, n, dtype=torch.long, device=device)
     out[:, 0] = pick(prefill(model, ids, pos, key_valid))
@@ -198,4 +211,4 @@ def generate(model: ARModel, prompts: list[Prompt], *, codebook_size: int, pad_i
         out[:, i + 1] = pick(decode(model, out[:, i], dpos[:, :, i:i + 1], mask, input_pos))
         if progress is not None:
             progress.update(1)
-    return out
+    return out[:len(prompts)] if guided else out

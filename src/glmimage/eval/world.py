@@ -41,6 +41,7 @@ class EvalConfig:
     steps: int | None = None
     guidance: float | None = None
     temperature: float | None = None
+    ar_guidance: float | None = None
     true_ids: bool = False  # paint the scene graphs' semantic ids instead of sampling the AR (the DiT alone)
     out: str = "runs/eval"
     kinds: tuple[str, ...] = SCENE_KINDS_EVAL
@@ -96,7 +97,7 @@ def evaluate(pipe, cfg: EvalConfig) -> dict:
         return torch.from_numpy(np.stack([token_codes(s, th) for s in scenes]).astype(np.int64)).view(-1, th, tw)
 
     kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, temperature=cfg.temperature,
-              progress=False)
+              ar_guidance_scale=cfg.ar_guidance, progress=False)
     t0 = time.perf_counter()
 
     prompts = heldout_prompts(cfg)
