@@ -76,7 +76,9 @@ def test_int8_counts_layers():
     assert quantize_int8(m) == 2 and isinstance(m[1][1], Int8Linear)
 
 
-def test_compiled_decode_equals_eager(pipe):
+def test_compiled_decode_equals_eager(pipe, monkeypatch):
+    # the compiled int8 path below is what compile() takes off AVX2-only CPUs (test_compile_on_avx2 for those)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     eager = pipe(["a red circle", "two blue squares 'AB'"], **KW)
     fast = glmimage.load("debug", device="cpu").compile()
     out = fast(["a red circle", "two blue squares 'AB'"], **KW)
@@ -99,6 +101,25 @@ def test_compiled_decode_equals_eager(pipe):
                        greedy=True, decode=keep)
     assert 0 < rel_err(first["compiled"], first["eager"]) < 0.01  # int8 read by both (the kernels differ)
     assert fast._decode is not argen.decode_one_token  # ... compiled all along, no fallback to eager
+
+
+def test_compile_on_avx2(pipe, monkeypatch, caplog):
+    """On an AVX2-only CPU compile() keeps the BLAS product for bf16 and does not compile an int8 AR (both measured
+    faster there: README "Speed and memory"); the outputs stay the eager path's."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    lin = lambda p: {type(m).__name__ for m in p.ar.modules() if "Linear" in type(m).__name__}  # noqa: E731
+    fp32 = glmimage.load("debug", device="cpu").compile()
+    assert lin(fp32) == {"DecodeLinear"}
+    bf16 = glmimage.load("debug", device="cpu", dtype="bfloat16").compile()
+    assert lin(bf16) == {"Linear"} and bf16._decode is not argen.decode_one_token
+    assert torch.equal(bf16("a red circle", **KW).prior_ids,
+                       glmimage.load("debug", device="cpu", dtype="bfloat16")("a red circle", **KW).prior_ids)
+    with caplog.at_level(logging.INFO, logger="glmimage"):
+        q = glmimage.load("debug", device="cpu").quantize("int8").compile()
+    assert q._decode is argen.decode_one_token
+    assert any("not compiling the AR" in r.getMessage() for r in caplog.records)
+    plain = glmimage.load("debug", device="cpu").quantize("int8")
+    assert torch.equal(q("a red circle", **KW).prior_ids, plain("a red circle", **KW).prior_ids)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_log_line(pipe, monkeypatch, caplog):
