@@ -227,21 +227,20 @@ class Pipeline:
     def compile(self) -> "Pipeline":
         """Compile the AR decode step (torch.compile, static shapes, CUDA graphs on CUDA). On the CPU the AR's
         single-row products also compile to fused multiply-reduce loops (glmimage/quant.py: twice the BLAS GEMV's
-        bandwidth on this kind of machine). When compilation fails the first generation logs one line and decodes
-        eagerly."""
+        bandwidth on this kind of machine), except where they measured slower: on an AVX2-only CPU bf16 keeps the
+        BLAS product and an int8 AR is not compiled at all. When compilation fails the first generation logs one
+        line and decodes eagerly."""
         if self.stage_device["ar"].type == "cuda":
             self._decode = torch.compile(argen.decode_one_token, mode="reduce-overhead", fullgraph=True,
                                          dynamic=False)
             return self
-        if torch.backends.cpu.get_cpu_capability() == "AVX2":  # measured on an AVX2-only EPYC, `small`, 2 cores
-            if self.quantization == "int8":  # the compiled int8 product: 10-12 tok/s, eager's int8 kernel 50
-                log.info("int8 AR on an AVX2 CPU: the eager int8 kernel decodes 4x faster than the compiled "
-                         "product; not compiling the AR")
-                self._decode = argen.decode_one_token
-                return self
-            if self.dtype != torch.bfloat16:  # bf16: the BLAS GEMV inside the graph, 65 tok/s against 54
-                use_decode_linears(self.ar)
-        else:
+        avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # measured on an AVX2-only EPYC, `small`, 2 cores
+        if avx2 and self.quantization == "int8":  # the compiled int8 product: 10-12 tok/s, eager's int8 kernel 50
+            log.info("int8 AR on an AVX2 CPU: the eager int8 kernel decodes 4x faster than the compiled product; "
+                     "not compiling the AR")
+            self._decode = argen.decode_one_token
+            return self
+        if not (avx2 and self.dtype == torch.bfloat16):  # bf16 on AVX2: BLAS's GEMV in the graph, 59-65 tok/s vs 54
             use_decode_linears(self.ar)
         # Dynamo re-checks ~2,400 guards before every step (0.6 ms a token at `small`, 6 % of it), most on module
         # attributes. Only the guards on tensors are kept (0.09 ms): dtype, device, shape and strides of every
@@ -362,14 +361,14 @@ class Pipeline:
             if prior_ids is not None:  # the plan is given: the AR does not run
                 grid = prior_ids.to(dev)
             else:
-                cond = [(ids.flatten(), *ids.shape) for ids in cond_ids]
+                cond_grids = [(ids.flatten(), *ids.shape) for ids in cond_ids]
                 layouts = [argen.layout_prompt(self.tokenizer, p, target=target, preview=None if conds else preview,
-                                               cond=cond) for p in prompts]
+                                               cond=cond_grids) for p in prompts]
                 n_new = layouts[0].num_new
                 uncond = None  # AR guidance: the same layout with the caption left out (caption dropout's rows)
                 if ar_guidance != 1.0:
                     uncond = [argen.layout_prompt(self.tokenizer, "", target=target,
-                                                  preview=None if conds else preview, cond=cond)] * b
+                                                  preview=None if conds else preview, cond=cond_grids)] * b
                 with tqdm(total=n_new, desc="AR tokens", disable=not progress, leave=False) as bar:
                     tokens = self._generate_tokens(
                         layouts, codebook_size=self.cfg.vq.codebook_size, pad_id=self.tokenizer.pad_id,
