@@ -188,27 +188,70 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert glmimage.load(tmp_path / "m", device="cpu").cfg == pipe.cfg
 
 
-def test_visual_tokenizer_is_read_only_when_an_image_needs_it(pipe, tmp_path, ref_dir):
-    """Loaded folders defer the ViT: text-to-image never builds it; an edit builds it once, with the saved weights,
-    on the AR stage's device (or parked in CPU memory when offloading)."""
+def test_embedding_tables_are_memory_mapped_copy_on_write(pipe, tmp_path):
+    """Embedding tables stored in their dtype are views of a private map of the file (only the rows a prompt reads
+    become resident); writing to them never reaches the file; a cast table (bf16 from fp32) is read instead."""
     glmimage.save(pipe, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    before = f.read_bytes()
+    a = glmimage.load(tmp_path / "m", device="cpu")
+    for w in (a.ar.embed_tokens.weight, a.dit.prior_embedding.weight):
+        assert w.untyped_storage().nbytes() == f.stat().st_size  # a view of the whole file's map
+    assert a.ar.lm_head.weight.untyped_storage().nbytes() == a.ar.lm_head.weight.nbytes  # the rest: read
+    assert torch.equal(a.ar.embed_tokens.weight, pipe.ar.embed_tokens.weight)
+    with torch.no_grad():
+        a.ar.embed_tokens.weight[0] += 1.0
+        a.dit.prior_embedding.weight.zero_()
+    assert f.read_bytes() == before
+    b = glmimage.load(tmp_path / "m", device="cpu")
+    assert torch.equal(b.dit.prior_embedding.weight, pipe.dit.prior_embedding.weight)
+    half = glmimage.load(tmp_path / "m", device="cpu", dtype="bfloat16")
+    w = half.ar.embed_tokens.weight
+    assert w.dtype == torch.bfloat16 and w.untyped_storage().nbytes() == w.nbytes
+    glmimage.save(b, tmp_path / "m")  # saving over the mapped file writes a new one: the maps stay valid
+    assert torch.equal(b.ar.embed_tokens.weight, pipe.ar.embed_tokens.weight)
+    assert torch.equal(glmimage.load(tmp_path / "m", device="cpu").ar.embed_tokens.weight, pipe.ar.embed_tokens.weight)
+
+
+def test_image_readers_are_read_only_when_an_image_needs_them(pipe, tmp_path, ref_dir):
+    """Loaded folders defer the ViT and the VAE encoder: text-to-image never reads them; an edit reads them once,
+    with the saved weights, on their stage's device (or parked in CPU memory when offloading), and the edit equals
+    the one of a pipeline built with every weight."""
+    glmimage.save(pipe, tmp_path / "m")
+    src = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
     for folder in (tmp_path / "m", ref_dir[0]):
         lazy = glmimage.load(folder, device="cpu")
         assert lazy._vq is None and "vq" not in lazy.modules()
+        assert lazy.vae.encoder_deferred and not any(n.startswith("model.encoder.")
+                                                     for n, _ in lazy.vae.named_parameters())
         lazy("a 'HI' sign", num_inference_steps=2, progress=False)
-        assert lazy._vq is None  # text-to-image did not read it
-        src = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+        assert lazy._vq is None and lazy.vae.encoder_deferred  # text-to-image read neither
         lazy("make it red", images=[src], num_inference_steps=2, progress=False)
-        assert lazy._vq is not None and "vq" in lazy.modules()
+        assert lazy._vq is not None and "vq" in lazy.modules() and not lazy.vae.encoder_deferred
         ref = glmimage.load(folder, device="cpu")
         eager = ref.vq_factory()
         for k, v in eager.state_dict().items():
             assert torch.equal(v, lazy.vq.state_dict()[k]), k
+        enc = lazy.vae.model.encoder
+        assert enc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        ref.vae.materialize()
+        for k, v in ref.vae.model.encoder.state_dict().items():
+            assert torch.equal(v, enc.state_dict()[k]), k
+    with pytest.raises(RuntimeError, match="VAE.encode"):
+        glmimage.load(tmp_path / "m", device="cpu").vae.model.encode(torch.zeros(1, 3, 64, 64))
+    full = pipe("make it red", images=[src], num_inference_steps=2, progress=False)
+    again = glmimage.load(tmp_path / "m", device="cpu")
+    edit = again("make it red", images=[src], num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(edit.images[0]), np.asarray(full.images[0]))
     again = glmimage.load(tmp_path / "m", device="cpu")
     for k, v in pipe.vq.state_dict().items():  # saving a lazy pipeline writes the ViT it never used
         assert torch.equal(v, again.vq.state_dict()[k])
     glmimage.save(glmimage.load(tmp_path / "m", device="cpu"), tmp_path / "m2")
-    assert torch.equal(glmimage.load(tmp_path / "m2", device="cpu").vq.codebook.weight, pipe.vq.codebook.weight)
+    m2 = glmimage.load(tmp_path / "m2", device="cpu")
+    assert torch.equal(m2.vq.codebook.weight, pipe.vq.codebook.weight)
+    m2.vae.materialize()  # ... and the VAE encoder
+    for k, v in pipe.vae.model.encoder.state_dict().items():
+        assert torch.equal(v, m2.vae.model.encoder.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -5,6 +5,13 @@ import torch
 import torch.nn as nn
 
 
+class _Unread(nn.Module):
+    """Stands in for a deferred encoder: no parameters, so moves and casts of the VAE pass it by."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the VAE encoder is not read yet: encode through VAE.encode (it reads it first)")
+
+
 class VAE(nn.Module):
     def __init__(self, config: dict) -> None:
         super().__init__()
@@ -20,6 +27,35 @@ class VAE(nn.Module):
                              persistent=False)
         self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32, device="cpu").view(1, c, 1, 1),
                              persistent=False)
+        self._deferred: tuple = ()  # (encoder built on the meta device, read() -> its tensors) until first encode
+
+    def defer_encoder(self, read) -> None:
+        """Leave the encoder unread until an image is encoded (`read()` returns its tensors, keys relative to it).
+        Text-to-image only decodes: at `small` in fp32 the encoder is 127 MiB that a text-to-image run never holds
+        (the reference memory-maps its files and never touches those pages either). Call before loading the rest."""
+        if not self._deferred:
+            self._deferred = (self.model.encoder, read)
+            self.model.encoder = _Unread()
+
+    def materialize(self) -> "VAE":
+        """Read a deferred encoder (onto the decoder's device, dtype and memory format); no-op otherwise."""
+        if self._deferred:
+            encoder, read = self._deferred
+            state = read()
+            missing = sorted(set(encoder.state_dict()) - set(state))
+            unexpected = sorted(set(state) - set(encoder.state_dict()))
+            if missing or unexpected:
+                raise ValueError(f"vae encoder: checkpoint does not match the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            encoder.load_state_dict(state, strict=True, assign=True)
+            ref = self.model.decoder.conv_in.weight
+            self.model.encoder = encoder.to(ref.device, ref.dtype, memory_format=torch.channels_last).eval()
+            self._deferred = ()
+        return self
+
+    @property
+    def encoder_deferred(self) -> bool:
+        return bool(self._deferred)
 
     @property
     def factor(self) -> int:
@@ -32,6 +68,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f) (posterior mode)."""
+        self.materialize()
         dtype = self.model.dtype
         z = self.model.encode(images.to(dtype)).latent_dist.mode()
         return (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
