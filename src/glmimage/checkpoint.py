@@ -359,15 +359,15 @@ def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pip
             raise ValueError(f"{weights}: unexpected tensor {k}")
         state[comp][rest] = flat.pop(k)  # one reference: build() hands each tensor to its module
     for comp, prefix in (("vq", "vq."), ("vae_encoder", "vae.encoder.")):
-        state[comp] = functools.partial(_read_prefixed, weights, prefix, cast)
+        state[comp] = functools.partial(_read_prefixed, [weights], prefix, cast)
     _tie_t5(state["glyph"])
     return build(cfg, TextTokenizer.from_file(path / "tokenizer.json"), device=device, dtype=dtype, state=state)
 
 
-def _read_prefixed(weights: Path, prefix: str, cast) -> dict[str, torch.Tensor]:
-    """The tensors of `weights` whose names start with `prefix`, named without it."""
+def _read_prefixed(files: list[Path], prefix: str, cast) -> dict[str, torch.Tensor]:
+    """The tensors of `files` whose names start with `prefix`, named without it (a deferred component's reader)."""
     return {k[len(prefix):]: v for k, v in
-            read_safetensors([weights], keep=lambda k: k.startswith(prefix), cast=cast).items()}
+            read_safetensors(files, keep=lambda k: k.startswith(prefix), cast=cast).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,9 +478,7 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
     _tie_t5(state["glyph"])
     vae_files, vae_cast = _weight_files(root / "vae", "diffusion_pytorch_model"), caster(dt, lambda k: "vae")
     state["vae"] = read_safetensors(vae_files, keep=lambda k: not k.startswith("encoder."), cast=vae_cast)
-    state["vae_encoder"] = lambda: {k[len("encoder."):]: v for k, v in  # read when an image is first encoded
-                                    read_safetensors(vae_files, keep=lambda k: k.startswith("encoder."),
-                                                     cast=vae_cast).items()}
+    state["vae_encoder"] = functools.partial(_read_prefixed, vae_files, "encoder.", vae_cast)  # first encoded
     tok = TextTokenizer.from_file(root / "processor" / "tokenizer.json")
     return build(cfg, tok, device=device, dtype=dtype, state=state)
 
