@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import glmimage
 from glmimage.ar import generate as argen
@@ -366,6 +367,15 @@ def test_bad_checkpoints(pipe, tmp_path):
     (tmp_path / "n" / "config.json").write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         glmimage.load(tmp_path / "n", device="cpu")
+    # a tensor missing from a component that is read only when an image needs it: refused at load, not at an edit
+    for prefix, what in (("vae.encoder.", "vae encoder"), ("vq.", "vq")):
+        glmimage.save(pipe, tmp_path / "o")
+        f = tmp_path / "o" / "model.safetensors"
+        tensors = load_file(str(f))
+        del tensors[next(k for k in tensors if k.startswith(prefix))]
+        save_file(tensors, str(f))
+        with pytest.raises(ValueError, match=f"{what}: checkpoint does not match the model: missing"):
+            glmimage.load(tmp_path / "o", device="cpu")
 
 
 @pytest.mark.parametrize("name,match", [("nope", "debug, glm-image"), ("debug", None)])

@@ -167,15 +167,33 @@ def read_safetensors(files: list[Path], keep=None, cast=None) -> dict[str, torch
     return out
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load with assign=True (meta-built modules); shape or name mismatches raise ValueError."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _check_names(expected, names, what: str) -> None:
+    """The checkpoint's tensor names for a module must be exactly the module's: else ValueError naming the gap."""
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{what}: checkpoint does not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    """The tensor names of safetensors files, from their headers (nothing is read)."""
+    try:
+        names = []
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                names += list(st.keys())
+        return names
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read weight files {[str(f) for f in files]} (truncated or not safetensors?): "
+                         f"{e}") from None
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load with assign=True (meta-built modules); shape or name mismatches raise ValueError."""
+    expected = module.state_dict()
+    _check_names(expected, state, what)
     for k, v in state.items():
         if tuple(expected[k].shape) != tuple(v.shape):
             raise ValueError(f"{what}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but the model "
@@ -235,9 +253,11 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
     """Build a pipeline from a config; `state` (per component) loads weights, else random init from `seed`.
     state["vq"] may be a function returning the visual tokenizer's tensors: the ViT is then built the first time
     something needs it (an image to read), never for text-to-image; so may state["vae_encoder"] (the VAE encoder's
-    tensors, state["vae"] then holding the rest of the VAE). build() empties state's dicts as it loads them:
-    the tensors become the modules' own, and a later conversion (channels-last VAE, dtype) frees the old copy at
-    once instead of holding two (fp32 load peak at `small` 1917 -> 1620 MiB with the 64 MiB windows)."""
+    tensors, state["vae"] then holding the rest of the VAE). state["deferred_names"] ({"vq": names,
+    "vae_encoder": names}, from the files' headers) checks a deferred component's names now, at load.
+    build() empties state's dicts as it loads them: the tensors become the modules' own, and a later conversion
+    (channels-last VAE, dtype) frees the old copy at once instead of holding two (fp32 load peak at `small`
+    1917 -> 1620 MiB with the 64 MiB windows)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if dt == torch.bfloat16 and not native_bf16(dev):
         log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 matmuls are emulated, many times slower "
@@ -252,6 +272,8 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
         with torch.device("meta"):
             ar, dit = ARModel(cfg.ar), DiT(cfg.dit)
             vq = None if callable(state["vq"]) else VisualTokenizer(cfg.vq)
+            if vq is None and "vq" in state.get("deferred_names", {}):  # a bad file fails at load, not at an edit
+                _check_names(VisualTokenizer(cfg.vq).state_dict(), state["deferred_names"]["vq"], "vq")
         for name, mod in (("ar", ar), ("vq", vq), ("dit", dit)):
             if mod is not None:
                 _load_into(mod, state[name], name)
@@ -262,6 +284,8 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
         with torch.device("meta"):  # no random init that the checkpoint overwrites (peak memory = the weights)
             glyph, vae = GlyphEncoder(cfg.glyph), VAE(cfg.vae)
         if callable(state.get("vae_encoder")):  # read when an image is first encoded, never for text-to-image
+            if "vae_encoder" in state.get("deferred_names", {}):
+                _check_names(vae.model.encoder.state_dict(), state["deferred_names"]["vae_encoder"], "vae encoder")
             vae.defer_encoder(state["vae_encoder"])
         _load_into(glyph.encoder, state["glyph"], "glyph")
         _load_into(vae.model, state["vae"], "vae")
@@ -358,8 +382,11 @@ def load_own(path: Path, *, device: str = "auto", dtype: str = "float32") -> Pip
         if comp not in state:
             raise ValueError(f"{weights}: unexpected tensor {k}")
         state[comp][rest] = flat.pop(k)  # one reference: build() hands each tensor to its module
+    names = _tensor_names([weights])
+    state["deferred_names"] = {}
     for comp, prefix in (("vq", "vq."), ("vae_encoder", "vae.encoder.")):
         state[comp] = functools.partial(_read_prefixed, [weights], prefix, cast)
+        state["deferred_names"][comp] = [k[len(prefix):] for k in names if k.startswith(prefix)]
     _tie_t5(state["glyph"])
     return build(cfg, TextTokenizer.from_file(path / "tokenizer.json"), device=device, dtype=dtype, state=state)
 
@@ -455,6 +482,7 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
         return out
 
     state: dict = {"ar": {}, "vq": read_vq}
+    state["deferred_names"] = {"vq": [map_key(k, "vq") for k in _tensor_names(vle_files) if is_vq(k)]}
     unknown = []
     for k, v in read_safetensors(vle_files, keep=lambda k: not is_vq(k), cast=caster(dt, lambda k: "ar")).items():
         if k.startswith(IGNORED_OFFICIAL):
@@ -479,6 +507,7 @@ def load_official(root: Path, *, device: str = "auto", dtype: str = "float32") -
     vae_files, vae_cast = _weight_files(root / "vae", "diffusion_pytorch_model"), caster(dt, lambda k: "vae")
     state["vae"] = read_safetensors(vae_files, keep=lambda k: not k.startswith("encoder."), cast=vae_cast)
     state["vae_encoder"] = functools.partial(_read_prefixed, vae_files, "encoder.", vae_cast)  # first encoded
+    state["deferred_names"]["vae_encoder"] = [k[8:] for k in _tensor_names(vae_files) if k.startswith("encoder.")]
     tok = TextTokenizer.from_file(root / "processor" / "tokenizer.json")
     return build(cfg, tok, device=device, dtype=dtype, state=state)
 
