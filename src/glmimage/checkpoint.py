@@ -286,7 +286,8 @@ def build(cfg: ModelConfig, tokenizer: TextTokenizer, *, device: str = "auto", d
         if callable(state.get("vae_encoder")):  # read when an image is first encoded, never for text-to-image
             if "vae_encoder" in state.get("deferred_names", {}):
                 _check_names(vae.model.encoder.state_dict(), state["deferred_names"]["vae_encoder"], "vae encoder")
-            vae.defer_encoder(state["vae_encoder"])
+            read = state["vae_encoder"]
+            vae.defer_encoder(lambda encoder: _load_into(encoder, read(), "vae encoder"))
         _load_into(glyph.encoder, state["glyph"], "glyph")
         _load_into(vae.model, state["vae"], "vae")
         state["glyph"].clear()

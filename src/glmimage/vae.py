@@ -27,27 +27,22 @@ class VAE(nn.Module):
                              persistent=False)
         self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32, device="cpu").view(1, c, 1, 1),
                              persistent=False)
-        self._deferred: tuple = ()  # (encoder built on the meta device, read() -> its tensors) until first encode
+        self._deferred: tuple = ()  # (encoder built on the meta device, load(encoder)) until first encode
 
-    def defer_encoder(self, read) -> None:
-        """Leave the encoder unread until an image is encoded (`read()` returns its tensors, keys relative to it).
-        Text-to-image only decodes: at `small` in fp32 the encoder is 127 MiB that a text-to-image run never holds
-        (the reference memory-maps its files and never touches those pages either). Call before loading the rest."""
+    def defer_encoder(self, load) -> None:
+        """Leave the encoder unread until an image is encoded (`load(encoder)` fills the meta-built encoder with its
+        tensors, checking them). Text-to-image only decodes: at `small` in fp32 the encoder is 127 MiB that a
+        text-to-image run never holds (the reference memory-maps its files and never touches those pages either).
+        Call before loading the rest."""
         if not self._deferred:
-            self._deferred = (self.model.encoder, read)
+            self._deferred = (self.model.encoder, load)
             self.model.encoder = _Unread()
 
     def materialize(self) -> "VAE":
         """Read a deferred encoder (onto the decoder's device, dtype and memory format); no-op otherwise."""
         if self._deferred:
-            encoder, read = self._deferred
-            state = read()
-            missing = sorted(set(encoder.state_dict()) - set(state))
-            unexpected = sorted(set(state) - set(encoder.state_dict()))
-            if missing or unexpected:
-                raise ValueError(f"vae encoder: checkpoint does not match the model: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-            encoder.load_state_dict(state, strict=True, assign=True)
+            encoder, load = self._deferred
+            load(encoder)
             ref = self.model.decoder.conv_in.weight
             self.model.encoder = encoder.to(ref.device, ref.dtype, memory_format=torch.channels_last).eval()
             self._deferred = ()
