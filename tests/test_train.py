@@ -435,6 +435,39 @@ def test_ar_edit_rows_read_their_source_as_the_vit_does(run_dir, tmp_path, monke
         train.run("ar", "quick", out=str(out), steps=1, edit_source="graph")
 
 
+def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatch):
+    """The DiT's image-to-image rows take the source's ids from the scene graph (default) or, with edit_source=read,
+    the ids the trained ViT read from the source image, which is what the pipeline gives the condition image."""
+    from glmimage.dit.model import DiT
+
+    out = tmp_path / "run"
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+    files = {"read": "ids_source_read.npy", "true": "ids_source.npy"}
+    rows = {k: {tuple(r) for r in np.load(out / "tokenizer" / f).tolist()} for k, f in files.items()}
+    assert rows["read"] != rows["true"]  # a 3-step ViT misreads
+    seen = []
+    kv = DiT.condition_kv_batched
+
+    def spy(self, latents, prior_ids, target_size):
+        n = int(prior_ids.shape[1] ** 0.5)  # the ×2 upsampled square grid back to the token grid
+        seen.extend(tuple(r) for r in prior_ids.view(-1, n, n)[:, ::2, ::2].flatten(1).tolist())
+        return kv(self, latents, prior_ids, target_size)
+
+    monkeypatch.setattr(DiT, "condition_kv_batched", spy)
+    for source in ("true", "read"):
+        seen.clear()
+        shutil.rmtree(out / "dit", ignore_errors=True)
+        train.run("dit", "quick", out=str(out), steps=2, restart_at=0, edit_fraction=1.0, edit_source=source)
+        assert len(seen) >= 2 * 8 and set(seen) <= rows[source], source
+    (out / "tokenizer" / files["read"]).unlink()
+    shutil.rmtree(out / "dit")
+    with pytest.raises(ValueError, match="train tokenizer"):
+        train.run("dit", "quick", out=str(out), steps=1, edit_source="read")
+    with pytest.raises(ValueError, match="edit_source"):
+        train.run("dit", "quick", out=str(out), steps=1, edit_source="graph")
+
+
 def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "vae", "tokenizer"):

@@ -1,6 +1,7 @@
 """Stage `dit`: flow matching on VAE latents, conditioned on the tokenizer ids (upsampled ×2) and the glyph
 embeddings of the quoted text; the glyph encoder trains with it. Image-to-image steps add the source image's
-K/V (the DiT run at t=0 on the source latents and ids), as inference does.
+K/V (the DiT run at t=0 on the source latents and ids), as inference does; the source's ids are its scene graph's,
+or (edit_source=read) what the trained ViT reads from the source image, as the pipeline gives them.
 
 Noise: x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0, σ = the schedule's shift of u ~ U(0, 1), and the DiT sees
 the raw timestep 1000·u − 1 (the GLM-Image convention the sampler follows). Condition dropout (prior ids, glyph and
@@ -62,6 +63,10 @@ class DiTTrainConfig(C.StageConfig):
     # the restart: the second leg is the run `--set init=MODEL --set seed=1 --set steps=<steps left>` from the first
     # leg's model (fg_from_step counts from the run's start)
     restart_at: int = 0
+    # the source grid of the image-to-image rows: "true" = the source scene graph's ids; "read" = the ids the trained
+    # ViT reads from the source image (tokenizer stage, ids_source_read.npy), which is what the pipeline gives the
+    # condition image at inference, misreadings included
+    edit_source: str = "true"
 
 
 def stage_dir(cfg) -> Path:
@@ -92,12 +97,15 @@ def main(cfg: DiTTrainConfig) -> Path:
     mcfg = preset(cfg.preset)
     root = Path(cfg.out)
     scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
+    if cfg.edit_source not in ("read", "true"):
+        raise ValueError(f"edit_source must be 'read' or 'true', got {cfg.edit_source!r}")
+    source = "ids_source_read.npy" if cfg.edit_source == "read" else "ids_source.npy"
     C.require(*(root / "vae" / f"latents_{k}.npy" for k in ("scenes", "source", "target")),
-              *(root / "tokenizer" / f"ids_{k}.npy" for k in ("scenes", "source", "target")))
+              *(root / "tokenizer" / f for f in ("ids_scenes.npy", source, "ids_target.npy")))
     lat = np.load(root / "vae" / "latents_scenes.npy", mmap_mode="r")
     lat_s, lat_e = (np.load(root / "vae" / f"latents_{k}.npy", mmap_mode="r") for k in ("source", "target"))
     ids = np.load(root / "tokenizer" / "ids_scenes.npy")
-    ids_s, ids_e = np.load(root / "tokenizer" / "ids_source.npy"), np.load(root / "tokenizer" / "ids_target.npy")
+    ids_s, ids_e = np.load(root / "tokenizer" / source), np.load(root / "tokenizer" / "ids_target.npy")
     size = scenes.recipe["size"]
     (th, tw), _ = mcfg.grids(size, size)
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
