@@ -405,15 +405,21 @@ def test_factored_init_starts_ids_that_share_a_factor_alike():
     assert cos((0, 0, 5), (1, 3, 9)) < 0.5  # nothing but is_shape shared
 
 
-def test_ar_edit_rows_read_their_source_as_the_vit_does(run_dir, tmp_path, monkeypatch):
-    """The AR's edit rows are conditioned on the ids the trained ViT read from the source image (what the pipeline
-    gives it), or on the scene graph's with edit_source=true; without the ViT's reading it says what to run."""
-    out = tmp_path / "run"
-    for dep in ("data", "tokenizer"):
+def _source_readings(run_dir, out, deps):
+    """Copy the stages `deps` of the quick run to `out`; -> {"read"|"true": its source-ids file}, {same: its rows}."""
+    for dep in deps:
         shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
     files = {"read": "ids_source_read.npy", "true": "ids_source.npy"}
     rows = {k: {tuple(r) for r in np.load(out / "tokenizer" / f).tolist()} for k, f in files.items()}
     assert rows["read"] != rows["true"]  # a 3-step ViT misreads
+    return files, rows
+
+
+def test_ar_edit_rows_read_their_source_as_the_vit_does(run_dir, tmp_path, monkeypatch):
+    """The AR's edit rows are conditioned on the ids the trained ViT read from the source image (what the pipeline
+    gives it), or on the scene graph's with edit_source=true; without the ViT's reading it says what to run."""
+    out = tmp_path / "run"
+    files, rows = _source_readings(run_dir, out, ("data", "tokenizer"))
     conds = []
     layout = argen.layout_prompt
 
@@ -441,11 +447,7 @@ def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatc
     from glmimage.dit.model import DiT
 
     out = tmp_path / "run"
-    for dep in ("data", "vae", "tokenizer"):
-        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
-    files = {"read": "ids_source_read.npy", "true": "ids_source.npy"}
-    rows = {k: {tuple(r) for r in np.load(out / "tokenizer" / f).tolist()} for k, f in files.items()}
-    assert rows["read"] != rows["true"]  # a 3-step ViT misreads
+    files, rows = _source_readings(run_dir, out, ("data", "vae", "tokenizer"))
     seen = []
     kv = DiT.condition_kv_batched
 
