@@ -512,6 +512,33 @@ def test_tokenizer_factored_codebook_keeps_rows_sums_of_their_factors(run_dir, t
                         .double())
 
 
+def test_factored_codebook_from_a_model_keeps_its_rows(run_dir, tmp_path):
+    """factored_codebook from a trained model (init=MODEL) whose codebook is not additive: 0 steps keep its rows, and
+    so its reading of the edit sources (the fit alone would change the ids the ViT reads); steps move the rows
+    only in factor space."""
+    from safetensors.torch import load_file
+
+    from glmimage.train.data import NUM_CODES, factor_matrix
+
+    model = run_dir / "model"
+    shipped = load_file(str(model / "model.safetensors"))["vq.codebook.weight"].float()
+    out = tmp_path / "run"
+    for dep in ("data", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb", "vq.safetensors"))
+    (out / "tokenizer" / "ids_source_read.npy").unlink()
+    train.run("tokenizer", "quick", out=str(out), steps=0, init=str(model), factored_codebook=True)
+    rows = load_file(str(out / "tokenizer" / "vq.safetensors"))["codebook.weight"]
+    assert torch.allclose(rows, shipped, atol=1e-5)
+    assert np.array_equal(np.load(out / "tokenizer" / "ids_source_read.npy"),
+                          np.load(run_dir / "tokenizer" / "ids_source_read.npy"))
+    shutil.rmtree(out / "tokenizer" / "ckpt", ignore_errors=True)
+    train.run("tokenizer", "quick", out=str(out), steps=2, init=str(model), factored_codebook=True)
+    moved = (load_file(str(out / "tokenizer" / "vq.safetensors"))["codebook.weight"] - shipped)[:NUM_CODES].double()
+    x = factor_matrix().double()
+    off = (x @ torch.linalg.lstsq(x, moved, driver="gelsd").solution - moved).abs().max()
+    assert moved.abs().max() > 1e-5 and off < 0.05 * moved.abs().max()  # float rounding only
+
+
 def test_greyscale_batches_are_scored_on_all_but_colour(run_dir, tmp_path):
     """grey_fraction: a greyscale image is scored on the ids that differ from its target only in colour, so a
     reading right but for the colour costs what the right id costs; in colour, it costs the wrong id's loss."""

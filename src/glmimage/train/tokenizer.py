@@ -121,15 +121,25 @@ class FactoredCodebook(nn.Module):
     """The codebook rows of the world's ids as sums of factor vectors: rows = data.factor_matrix() @ factors (shape·part
     + colour·part for a shape id, …). Starts from the least-squares fit of the rows it is given. A joint row per
     (shape, colour, part) lets the ViT read a colour it never saw on a shape as some other shape of that colour; a
-    sum of factors has no row of its own to learn, so the features must say shape and colour separately."""
+    sum of factors has no row of its own to learn, so the features must say shape and colour separately.
 
-    def __init__(self, rows: torch.Tensor) -> None:
+    exact=True (a run that starts from a trained model): the rows' part the factors cannot express is kept as a
+    fixed residual, so the rows start as given and only move in factor space. Without it a trained, non-additive
+    codebook would be replaced by its additive fit before the first step, and the ViT would read other ids."""
+
+    def __init__(self, rows: torch.Tensor, exact: bool = False) -> None:
         super().__init__()
         self.register_buffer("x", D.factor_matrix(len(rows)), persistent=False)
         self.factors = nn.Parameter(torch.linalg.lstsq(self.x, rows.detach().float()).solution)
+        residual = rows.detach().float() - self.x @ self.factors.detach() if exact else torch.zeros_like(rows)
+        self.register_buffer("residual", residual.float())
 
     def forward(self) -> torch.Tensor:
-        return self.x @ self.factors
+        return self.x @ self.factors + self.residual
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "residual", torch.zeros_like(self.residual))  # checkpoints from before it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def cosine_logits(vq: VisualTokenizer, pixels: torch.Tensor, scale: float, bf16: bool,
@@ -170,7 +180,7 @@ def main(cfg: TokenizerTrainConfig) -> Path:
     k = min(mcfg.vq.codebook_size, D.NUM_CODES)
     models = {"vq": vq}
     if cfg.factored_codebook:
-        models["factors"] = FactoredCodebook(vq.codebook.weight[:k])
+        models["factors"] = FactoredCodebook(vq.codebook.weight[:k], exact=bool(cfg.init))
     opt = C.make_optimizer([p for m in models.values() for p in m.parameters()], cfg)
     state = C.load_checkpoint(out, models, opt)
 
