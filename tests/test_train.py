@@ -441,6 +441,29 @@ def test_ar_edit_rows_read_their_source_as_the_vit_does(run_dir, tmp_path, monke
         train.run("ar", "quick", out=str(out), steps=1, edit_source="graph")
 
 
+def test_ar_instruction_dropout_leaves_edit_rows_with_the_source_alone(run_dir, tmp_path, monkeypatch):
+    """instruction_dropout trains that share of the image-to-image rows with an empty instruction (the
+    unconditional row of AR guidance on edits); at 0 (the default) every edit row keeps its instruction."""
+    out = tmp_path / "run"
+    _source_readings(run_dir, out, ("data", "tokenizer"))
+    texts = []
+    layout = argen.layout_prompt
+
+    def spy(tok, text, *, cond=(), **kw):
+        if cond:
+            texts.append(text)
+        return layout(tok, text, cond=cond, **kw)
+
+    monkeypatch.setattr(argen, "layout_prompt", spy)
+    for p, lo, hi in ((0.0, 0, 0), (0.5, 8, 24), (1.0, 32, 32)):
+        texts.clear()
+        shutil.rmtree(out / "ar", ignore_errors=True)
+        train.run("ar", "quick", out=str(out), steps=4, edit_fraction=1.0, instruction_dropout=p)
+        assert len(texts) == 4 * 8 and lo <= texts.count("") <= hi, (p, texts.count(""))
+    with pytest.raises(ValueError, match="instruction_dropout"):
+        train.run("ar", "quick", out=str(out), steps=1, instruction_dropout=1.5)
+
+
 def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatch):
     """The DiT's image-to-image rows take the source's ids from the scene graph (default) or, with edit_source=read,
     the ids the trained ViT read from the source image, which is what the pipeline gives the condition image."""

@@ -1,6 +1,7 @@
 """Stage `ar`: train the AR generator to write the preview grid then the target grid (text-to-image) and the target
-grid from a condition image's ids and an instruction (image-to-image), with caption dropout. The condition ids are
-the ones the trained ViT reads from the source image (tokenizer stage, ids_source_read.npy), as in use.
+grid from a condition image's ids and an instruction (image-to-image), with caption and instruction dropout. The
+condition ids are the ones the trained ViT reads from the source image (tokenizer stage, ids_source_read.npy), as in
+use.
 
 Sequences are laid out by `ar.generate.layout_prompt`, the same function inference uses, so training and sampling
 see identical ids and mRoPE positions. Rows are left-padded so that the grids end every row; the loss is the cross
@@ -38,6 +39,9 @@ class ARTrainConfig(C.StageConfig):
     preset: str = "world"
     edit_fraction: float = 0.3  # share of image-to-image rows in a batch
     caption_dropout: float = 0.1  # text-to-image rows trained with an empty prompt
+    # image-to-image rows trained with an empty instruction (the source alone): the unconditional row that AR
+    # guidance (`--ar-guidance`) compares an edit's plan with; 0 draws nothing, so older runs resume unchanged
+    instruction_dropout: float = 0.0
     n_samples: int = 8
     bpe_merges: int = 512  # the prompt BPE (captions are ~4× shorter than in bytes)
     factor_init: bool = False  # embedding and head rows of the ids start as sums of their factors (factored_init_)
@@ -106,6 +110,8 @@ def main(cfg: ARTrainConfig) -> Path:
     tokdir = root / "tokenizer"
     if cfg.edit_source not in ("read", "true"):
         raise ValueError(f"edit_source must be 'read' or 'true', got {cfg.edit_source!r}")
+    if not 0 <= cfg.instruction_dropout <= 1:
+        raise ValueError(f"instruction_dropout must be in [0, 1], got {cfg.instruction_dropout}")
     source = "ids_source_read.npy" if cfg.edit_source == "read" else "ids_source.npy"
     if not (tokdir / source).is_file() and cfg.edit_source == "read":
         raise ValueError(f"{tokdir / source} missing: train the tokenizer's ViT first (`glmimage train tokenizer`; "
@@ -149,7 +155,8 @@ def main(cfg: ARTrainConfig) -> Path:
         for _ in range(cfg.batch_size):
             if rng.random() < cfg.edit_fraction:
                 i = rng.randrange(len(edits))
-                p = argen.layout_prompt(tok, instructions[i], target=target, preview=None,
+                text = "" if cfg.instruction_dropout and rng.random() < cfg.instruction_dropout else instructions[i]
+                p = argen.layout_prompt(tok, text, target=target, preview=None,
                                         cond=[(torch.from_numpy(ids_s[i].astype(np.int64)), *target)])
                 rows.append((p, torch.from_numpy(ids_e[i].astype(np.int64))))
             else:
