@@ -493,32 +493,6 @@ def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatc
         train.run("dit", "quick", out=str(out), steps=1, edit_source="graph")
 
 
-def test_dit_source_dropout_keeps_the_source_image_in_some_dropped_edit_rows(run_dir, tmp_path, monkeypatch):
-    """Dropped image-to-image rows drop the condition image too by default (the sampler's unconditional branch);
-    with source_dropout < 1 that share keeps reading it (the source-only velocity), never a kept row's."""
-    from glmimage.dit.model import DiT
-
-    out = tmp_path / "run"
-    _source_readings(run_dir, out, ("data", "vae", "tokenizer"))
-    seen = []
-    forward = DiT.forward
-
-    def spy(self, x, t, *, prior_drop, use_cond=None, **kw):
-        if use_cond is not None:
-            seen.append((prior_drop.clone(), use_cond.clone()))
-        return forward(self, x, t, prior_drop=prior_drop, use_cond=use_cond, **kw)
-
-    monkeypatch.setattr(DiT, "forward", spy)
-    for p, dropout, lo, hi in ((1.0, 1.0, 0, 0), (0.5, 1.0, 4, 12), (0.0, 1.0, 16, 16), (0.0, 0.0, 0, 0)):
-        seen.clear()
-        shutil.rmtree(out / "dit", ignore_errors=True)
-        train.run("dit", "quick", out=str(out), steps=2, restart_at=0, edit_fraction=1.0, cond_dropout=dropout,
-                  source_dropout=p)
-        drop, use = (torch.cat(x) for x in zip(*seen))
-        assert drop.numel() == 16 and use[~drop].all(), p  # rows that keep their conditions keep the source
-        assert lo <= int(use[drop].sum()) <= hi, (p, dropout, int(use[drop].sum()))
-
-
 def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "vae", "tokenizer"):

@@ -42,10 +42,6 @@ class DiTTrainConfig(C.StageConfig):
     preset: str = "world"
     edit_fraction: float = 0.25  # share of steps that train image-to-image
     cond_dropout: float = 0.1
-    # of the image-to-image rows whose conditions are dropped, the share that drops the condition image too (1: all,
-    # the sampler's unconditional branch); the others keep it and learn the source-only velocity (plan, glyphs and
-    # canvas dropped) that guidance on an edit can compare with
-    source_dropout: float = 1.0
     ema: float = 0.999
     n_samples: int = 8
     sample_steps: int = 20
@@ -166,9 +162,6 @@ def main(cfg: DiTTrainConfig) -> Path:
                                     else rng.randrange(len(scenes)) for _ in range(b)]))
             texts = [rng.choice(scenes["captions"][i]) for i in idx]
         drop = torch.rand(b, generator=g) < cfg.cond_dropout
-        keep_src = torch.zeros(b, dtype=torch.bool)  # dropped rows that still read the condition image
-        if is_edit and cfg.source_dropout < 1:
-            keep_src = drop & (torch.rand(b, generator=g) >= cfg.source_dropout)
         texts = ["" if dropped else t for t, dropped in zip(texts, drop.tolist())]
         u = torch.rand(b, generator=g)
         if cfg.noise_shift != 1.0:
@@ -176,7 +169,7 @@ def main(cfg: DiTTrainConfig) -> Path:
         u = u.clamp(1e-3, 1.0)
         noise = torch.randn((b, *lat.shape[1:]), generator=g)
         n_glyph = int((glyph.positions(texts)[0] >= 0).sum())  # of the global batch, to normalise glyph_aux
-        idx, texts, drop, keep_src, u, noise = (C.my_rows(x, d) for x in (idx, texts, drop, keep_src, u, noise))
+        idx, texts, drop, u, noise = (C.my_rows(x, d) for x in (idx, texts, drop, u, noise))
         n = len(idx)
         x0 = torch.from_numpy(np.array((lat_e if is_edit else lat)[idx], dtype=np.float32))
         row_ids = (ids_e if is_edit else ids)[idx].astype(np.int64)
@@ -198,7 +191,7 @@ def main(cfg: DiTTrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         with C.autocast(cfg.bf16):
-            v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior, canvas, keep_src)
+            v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior, canvas)
         aux_loss = aux_sum * d.world / n_glyph  # this slice's share of the global mean (DDP averages gradients)
         err = (v.float() - target).pow(2)
         if cfg.fg_weight and step >= cfg.fg_from_step:
@@ -260,13 +253,12 @@ class Step(nn.Module):
         super().__init__()
         self.dit, self.glyph, self.aux = dit, glyph, aux
 
-    def forward(self, xt, t, prior, drop, texts, size_t, src=None, src_prior=None, canvas=None, keep_src=None):
+    def forward(self, xt, t, prior, drop, texts, size_t, src=None, src_prior=None, canvas=None):
         gl, gmask = self.glyph(texts)
         aux = glyph_position_loss(self.glyph, self.aux, gl, texts)
         cond_kv = None if src is None else self.dit.condition_kv_batched(src, src_prior, size_t)
-        use_cond = None if src is None else ~drop if keep_src is None else ~drop | keep_src
         v = self.dit(xt, t, prior_ids=prior, prior_drop=drop, glyph=gl, target_size=size_t, glyph_mask=gmask,
-                     cond_kv=cond_kv, use_cond=use_cond, canvas=canvas)
+                     cond_kv=cond_kv, use_cond=~drop if src is not None else None, canvas=canvas)
         return v, aux
 
 
