@@ -493,6 +493,37 @@ def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatc
         train.run("dit", "quick", out=str(out), steps=1, edit_source="graph")
 
 
+def test_dit_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
+    """edit_weight adds loss weight on an image-to-image row's latents whose token the edit changes (target id ≠
+    source id), on top of fg_weight's under shapes and text; text-to-image rows and weight 0 keep the plain loss."""
+    from glmimage.train.dit import loss_weight
+
+    target = np.array([[0, N_BG, N_BG + 5, 1]])  # a 2×2 grid: background, two object tokens, background
+    source = np.array([[0, N_BG, 2, 1]])  # the edit added the object in the third token
+    w = loss_weight(target, source, (2, 2), 2, fg_weight=3.0, edit_weight=5.0)
+    assert w.shape == (1, 1, 4, 4)
+    assert w[0, 0, ::2, ::2].flatten().tolist() == [1.0, 4.0, 9.0, 1.0]
+    assert torch.equal(w[0, 0, :2, 2:], torch.full((2, 2), 4.0))  # each token's f × f latents share its weight
+    assert loss_weight(target, None, (2, 2), 2, 3.0, 5.0)[0, 0, ::2, ::2].flatten().tolist() == [1.0, 4.0, 4.0, 1.0]
+
+    out = tmp_path / "run"
+    for dep in ("data", "vae", "tokenizer"):
+        shutil.copytree(run_dir / dep, out / dep, ignore=shutil.ignore_patterns("ckpt", "tb"))
+
+    def first_loss(**kw):
+        shutil.rmtree(out / "dit", ignore_errors=True)
+        train.run("dit", "quick", out=str(out), steps=1, restart_at=0, sample_every=100, **kw)
+        row = json.loads((out / "dit" / "metrics.jsonl").read_text().splitlines()[0])
+        return row.get("loss_i2i", row.get("loss_t2i"))
+
+    plain = first_loss(edit_fraction=1.0)
+    assert first_loss(edit_fraction=1.0, edit_weight=0.0) == plain
+    assert first_loss(edit_fraction=1.0, edit_weight=4.0) > plain * 1.01  # the quick edits change tokens
+    assert first_loss(edit_fraction=0.0, edit_weight=4.0) == first_loss(edit_fraction=0.0)
+    with pytest.raises(ValueError, match="edit_weight"):
+        train.run("dit", "quick", out=str(out), steps=1, edit_weight=-1.0)
+
+
 def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "vae", "tokenizer"):

@@ -48,6 +48,9 @@ class DiTTrainConfig(C.StageConfig):
     sample_guidance: float = 1.5
     fg_weight: float = 0.0  # extra loss weight on latents under shape / text ids (objects are a small share of pixels)
     fg_from_step: int = 0  # ... from this step on
+    # extra loss weight, on image-to-image rows, on the latents whose token the edit changes (the target's id differs
+    # from the source's, both from the scene graphs): a moved or added shape is a few tokens of a mostly copied image
+    edit_weight: float = 0.0
     text_fraction: float = 0.0  # > 0: this share of the text-to-image rows is drawn from scenes with quoted text
     # > 1: draw training times u toward the noisy end, u = s·r / (1 + (s − 1)·r) with r ~ U(0, 1) (where sampling
     # lays out shapes and letters); the (timestep, σ) pairing the sampler uses is unchanged
@@ -99,13 +102,16 @@ def main(cfg: DiTTrainConfig) -> Path:
     scenes, edits = Dataset(root / "data" / "scenes"), Dataset(root / "data" / "edits")
     if cfg.edit_source not in ("read", "true"):
         raise ValueError(f"edit_source must be 'read' or 'true', got {cfg.edit_source!r}")
+    if cfg.fg_weight < 0 or cfg.edit_weight < 0:
+        raise ValueError(f"fg_weight and edit_weight must be >= 0, got {cfg.fg_weight} and {cfg.edit_weight}")
     source = "ids_source_read.npy" if cfg.edit_source == "read" else "ids_source.npy"
     C.require(*(root / "vae" / f"latents_{k}.npy" for k in ("scenes", "source", "target")),
-              *(root / "tokenizer" / f for f in ("ids_scenes.npy", source, "ids_target.npy")))
+              *(root / "tokenizer" / f for f in ("ids_scenes.npy", source, "ids_source.npy", "ids_target.npy")))
     lat = np.load(root / "vae" / "latents_scenes.npy", mmap_mode="r")
     lat_s, lat_e = (np.load(root / "vae" / f"latents_{k}.npy", mmap_mode="r") for k in ("source", "target"))
     ids = np.load(root / "tokenizer" / "ids_scenes.npy")
     ids_s, ids_e = np.load(root / "tokenizer" / source), np.load(root / "tokenizer" / "ids_target.npy")
+    ids_s_true = np.load(root / "tokenizer" / "ids_source.npy", mmap_mode="r")  # what the edit changes
     size = scenes.recipe["size"]
     (th, tw), _ = mcfg.grids(size, size)
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
@@ -194,11 +200,11 @@ def main(cfg: DiTTrainConfig) -> Path:
             v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior, canvas)
         aux_loss = aux_sum * d.world / n_glyph  # this slice's share of the global mean (DDP averages gradients)
         err = (v.float() - target).pow(2)
-        if cfg.fg_weight and step >= cfg.fg_from_step:
-            f = x0.shape[-1] // tw  # latent pixels per AR token
-            fg = torch.from_numpy(row_ids >= N_BG).float()
-            fg = fg.view(n, 1, th, tw).repeat_interleave(f, 2).repeat_interleave(f, 3)
-            err = err * (1 + cfg.fg_weight * fg)
+        fg_weight = cfg.fg_weight if step >= cfg.fg_from_step else 0.0
+        if fg_weight or (is_edit and cfg.edit_weight):
+            w = loss_weight(row_ids, ids_s_true[idx] if is_edit else None, (th, tw), x0.shape[-1] // tw, fg_weight,
+                            cfg.edit_weight)
+            err = err * w
         loss = err.mean()  # every process has as many elements: the mean of the means is the global mean
         opt.zero_grad(set_to_none=True)
         (loss + cfg.glyph_aux * aux_loss).backward()
@@ -242,6 +248,17 @@ def main(cfg: DiTTrainConfig) -> Path:
         C.save_weights(ema_glyph.encoder, out / "glyph.safetensors", skip=(TIED_T5,))  # tied to shared.weight
     parallel.shutdown(d)
     return out
+
+
+def loss_weight(ids: np.ndarray, source_ids: np.ndarray | None, grid: tuple[int, int], f: int, fg_weight: float,
+                edit_weight: float) -> torch.Tensor:
+    """Per-latent weight (B, 1, h·f, w·f) of the flow-matching loss of rows with target ids (B, h·w): 1, plus
+    fg_weight under shape and text ids, plus edit_weight where the row edits source_ids (B, h·w) and changes the
+    token's id. f: latent pixels per token along each axis."""
+    w = 1 + fg_weight * torch.from_numpy(np.asarray(ids) >= N_BG).float()
+    if source_ids is not None:
+        w = w + edit_weight * torch.from_numpy(np.asarray(ids) != np.asarray(source_ids)).float()
+    return w.view(len(w), 1, *grid).repeat_interleave(f, 2).repeat_interleave(f, 3)
 
 
 class Step(nn.Module):
