@@ -524,6 +524,34 @@ def test_dit_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
         train.run("dit", "quick", out=str(out), steps=1, edit_weight=-1.0)
 
 
+def test_vae_decoder_only_keeps_the_encoder_and_its_latents(run_dir, tmp_path):
+    """decoder_only fine-tunes the decoder of a trained VAE: the encoder, the latent normalisation and the latents
+    the DiT trained on stay the model's, to the bit; without a model to start from it says what to give."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir / "data", out / "data")
+    model = run_dir / "model"
+    train.run("vae", "quick", out=str(out), steps=3, init=str(model), decoder_only=True, lr=1e-2, warmup=1)
+    new = load_file(str(out / "vae" / "vae.safetensors"))
+    old = {k[len("vae."):]: v.float() for k, v in load_file(str(model / "model.safetensors")).items()
+           if k.startswith("vae.")}
+    enc = [k for k in old if k.startswith("encoder.")]
+    assert enc and all(torch.equal(new[k], old[k]) for k in enc)
+    assert any(not torch.equal(new[k], old[k]) for k in old if k.startswith("decoder."))
+    cfg = json.loads((out / "vae" / "vae.json").read_text())
+    ref = json.loads((model / "config.json").read_text())["vae"]
+    assert cfg["latents_mean"] == ref["latents_mean"] and cfg["latents_std"] == ref["latents_std"]
+    from glmimage.train.vae import encode_all
+
+    images = Dataset(out / "data" / "scenes")["images"][:16]  # encoded by the model's own VAE
+    ours = np.load(out / "vae" / "latents_scenes.npy")[:16].astype(np.float32)
+    assert np.abs(ours - encode_all(glmimage.load(model).vae, images).astype(np.float32)).max() < 1e-2
+    shutil.rmtree(out / "vae")
+    with pytest.raises(ValueError, match="init"):
+        train.run("vae", "quick", out=str(out), steps=1, decoder_only=True)
+
+
 def test_dit_and_ar_stages_take_factored_init(run_dir, tmp_path):
     out = tmp_path / "run"
     for dep in ("data", "vae", "tokenizer"):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from glmimage.checkpoint import model_folder
 from glmimage.config import preset
 from glmimage.train import common as C
 from glmimage.train.data import Dataset, to_float
@@ -28,6 +29,9 @@ class VAETrainConfig(C.StageConfig):
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
     n_stats: int = 2000  # images used to measure the latent mean / std
+    # train the decoder alone (from `init`): the encoder, and with it every latent, the normalisation and what the DiT
+    # learned to paint, stay as they are, while the decoder learns to draw those latents sharper
+    decoder_only: bool = False
 
 
 def stage_dir(cfg) -> Path:
@@ -70,7 +74,12 @@ def main(cfg: VAETrainConfig) -> Path:
     vae = VAE({**mcfg.vae})
     C.init_from(cfg, out, {"vae": vae.model})
     model = vae.model.train()
-    opt = C.make_optimizer(model.parameters(), cfg)
+    if cfg.decoder_only:
+        if not cfg.init:
+            raise ValueError("decoder_only trains the decoder of a trained VAE: give it one with --set init=MODEL")
+        model.encoder.eval().requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = C.make_optimizer(trained, cfg)
     state = C.load_checkpoint(out, {"vae": model}, opt)
     start = state["step"] if state else 0
     log = C.Log(out, start)
@@ -96,7 +105,7 @@ def main(cfg: VAETrainConfig) -> Path:
         loss = l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -109,6 +118,8 @@ def main(cfg: VAETrainConfig) -> Path:
             with torch.no_grad():
                 rec = model.decode(model.encode(fixed).latent_dist.mode()).sample
             model.train()
+            if cfg.decoder_only:
+                model.encoder.eval()
             psnr = -10 * torch.log10(((rec.clamp(-1, 1) - fixed) / 2).pow(2).mean()).item()
             log.scalars(step, val_psnr=psnr)
             as_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -132,6 +143,9 @@ def main(cfg: VAETrainConfig) -> Path:
                         for i in range(0, min(n, cfg.n_stats), 250)])
     mean = zs.mean(dim=(0, 2, 3)).tolist()
     std = zs.std(dim=(0, 2, 3)).tolist()
+    if cfg.decoder_only:  # the encoder is the init's: so is the normalisation its DiT was trained on, to the bit
+        init_vae = json.loads((model_folder(cfg.init) / "config.json").read_text())["vae"]
+        mean, std = init_vae["latents_mean"], init_vae["latents_std"]
     config = {**mcfg.vae, "latents_mean": mean, "latents_std": std}
     (out / "vae.json").write_text(json.dumps(config, indent=2))
     C.save_weights(model, out / "vae.safetensors")
