@@ -138,14 +138,15 @@ def main(cfg: VAETrainConfig) -> Path:
 
     # Latent statistics -> the normalisation GLM-Image applies ((z - mean) / std), then the final files
     model.eval()
-    with torch.no_grad():
-        zs = torch.cat([model.encode(to_float(images[i:i + 250])).latent_dist.mode()
-                        for i in range(0, min(n, cfg.n_stats), 250)])
-    mean = zs.mean(dim=(0, 2, 3)).tolist()
-    std = zs.std(dim=(0, 2, 3)).tolist()
     if cfg.decoder_only:  # the encoder is the init's: so is the normalisation its DiT was trained on, to the bit
         init_vae = json.loads((model_folder(cfg.init) / "config.json").read_text())["vae"]
         mean, std = init_vae["latents_mean"], init_vae["latents_std"]
+    else:
+        with torch.no_grad():
+            zs = torch.cat([model.encode(to_float(images[i:i + 250])).latent_dist.mode()
+                            for i in range(0, min(n, cfg.n_stats), 250)])
+        mean = zs.mean(dim=(0, 2, 3)).tolist()
+        std = zs.std(dim=(0, 2, 3)).tolist()
     config = {**mcfg.vae, "latents_mean": mean, "latents_std": std}
     (out / "vae.json").write_text(json.dumps(config, indent=2))
     C.save_weights(model, out / "vae.safetensors")
