@@ -611,8 +611,10 @@ def test_factored_codebook_from_a_model_keeps_its_rows(run_dir, tmp_path):
     train.run("tokenizer", "quick", out=str(out), steps=0, init=str(model), factored_codebook=True)
     rows = load_file(str(out / "tokenizer" / "vq.safetensors"))["codebook.weight"]
     assert torch.allclose(rows, shipped, atol=1e-5)
-    assert np.array_equal(np.load(out / "tokenizer" / "ids_source_read.npy"),
-                          np.load(run_dir / "tokenizer" / "ids_source_read.npy"))
+    # rows = fit + residual equal the model's to float rounding, so an id on a near-tie may fall the other way
+    # (1 of 1,536 on one machine); the additive fit alone keeps 6 % of them
+    same = np.load(out / "tokenizer" / "ids_source_read.npy") == np.load(run_dir / "tokenizer" / "ids_source_read.npy")
+    assert same.mean() > 0.995, same.mean()
     shutil.rmtree(out / "tokenizer" / "ckpt", ignore_errors=True)
     train.run("tokenizer", "quick", out=str(out), steps=2, init=str(model), factored_codebook=True)
     moved = (load_file(str(out / "tokenizer" / "vq.safetensors"))["codebook.weight"] - shipped)[:NUM_CODES].double()
