@@ -326,7 +326,7 @@ def test_assemble_takes_what_the_run_did_not_train_from_a_base_model(run_dir, tm
     got, base = glmimage.load(tmp_path / "m", device="cpu"), glmimage.load(run_dir / "model", device="cpu")
     for comp in ("dit", "vae"):
         a, b = getattr(got, comp).state_dict(), getattr(base, comp).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in b if k != "prior_embedding.weight"), comp
+        assert all(torch.equal(a[k], b[k]) for k in b), comp  # the base's unseen rows are already completed
     a, b = got.glyph.encoder.state_dict(), base.glyph.encoder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert got.cfg.vae == base.cfg.vae
@@ -547,6 +547,16 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_latents(run_dir, tmp_path):
     images = Dataset(out / "data" / "scenes")["images"][:16]  # encoded by the model's own VAE
     ours = np.load(out / "vae" / "latents_scenes.npy")[:16].astype(np.float32)
     assert np.abs(ours - encode_all(glmimage.load(model).vae, images).astype(np.float32)).max() < 1e-2
+    # a VAE-only run (no ids of its own) assembles onto its init: the new decoder, the rest the model's
+    from glmimage.train.assemble import assemble
+
+    got, base = glmimage.load(assemble(out, base=model, dest=tmp_path / "m")), glmimage.load(model)
+    vae = got.vae.model.state_dict()
+    assert all(torch.equal(vae[k], new[k].half().float()) for k in new if k.startswith("decoder."))
+    for comp in ("ar", "vq", "dit"):
+        a, b = getattr(got, comp).state_dict(), getattr(base, comp).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), comp
+    assert got.cfg.vae == base.cfg.vae
     shutil.rmtree(out / "vae")
     with pytest.raises(ValueError, match="init"):
         train.run("vae", "quick", out=str(out), steps=1, decoder_only=True)

@@ -65,8 +65,9 @@ def assemble(out: str | Path, *, preset_name: str = "world", dtype: str = "float
                        else json.loads((out / "vae" / "vae.json").read_text()))
     cfg = ModelConfig.from_dict(cfg_dict)
     checkpoint._tie_t5(state["glyph"])
-    seen = seen_codes(out)
-    for comp, key in UNSEEN_ROWS:
+    trained = [(comp, key) for comp, key in UNSEEN_ROWS if comp not in from_base]  # the base's are completed
+    seen = seen_codes(out) if trained else None  # a VAE-only run has no ids
+    for comp, key in trained:
         state[comp][key] = complete_unseen(state[comp][key], seen)
     tok = TextTokenizer.from_file(out / "ar" / "tokenizer.json" if "ar" not in from_base else folder / "tokenizer.json")
     pipe = checkpoint.build(cfg, tok, device="cpu", state=state)
