@@ -123,22 +123,28 @@ class FactoredCodebook(nn.Module):
     (shape, colour, part) lets the ViT read a colour it never saw on a shape as some other shape of that colour; a
     sum of factors has no row of its own to learn, so the features must say shape and colour separately.
 
-    exact=True (a run that starts from a trained model): the rows' part the factors cannot express is kept as a
-    fixed residual, so the rows start as given and only move in factor space. Without it a trained, non-additive
-    codebook would be replaced by its additive fit before the first step, and the ViT would read other ids."""
+    exact=True (a run that starts from a trained model): the rows start as given, to the bit, and only move in factor
+    space: rows = rows0 + x @ (factors - factors0), with rows0 the given rows (exact) or their additive fit. Without
+    it a trained, non-additive codebook would be replaced by its additive fit before the first step, and the ViT
+    would read other ids."""
 
     def __init__(self, rows: torch.Tensor, exact: bool = False) -> None:
         super().__init__()
         self.register_buffer("x", D.factor_matrix(len(rows)), persistent=False)
-        self.factors = nn.Parameter(torch.linalg.lstsq(self.x, rows.detach().float()).solution)
-        residual = rows.detach().float() - self.x @ self.factors.detach() if exact else torch.zeros_like(rows)
-        self.register_buffer("residual", residual.float())
+        fit = torch.linalg.lstsq(self.x, rows.detach().float()).solution
+        self.factors = nn.Parameter(fit.clone())
+        self.register_buffer("factors0", fit)
+        self.register_buffer("rows0", rows.detach().float().clone() if exact else self.x @ fit)
 
     def forward(self) -> torch.Tensor:
-        return self.x @ self.factors + self.residual
+        return self.rows0 + self.x @ (self.factors - self.factors0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "residual", torch.zeros_like(self.residual))  # checkpoints from before it
+        if prefix + "rows0" not in state_dict and prefix + "factors" in state_dict:  # rows = x @ factors + residual
+            f = state_dict[prefix + "factors"]
+            residual = state_dict.pop(prefix + "residual", torch.zeros_like(self.rows0))
+            state_dict[prefix + "factors0"] = f.clone()
+            state_dict[prefix + "rows0"] = self.x @ f + residual
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
