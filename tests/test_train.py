@@ -524,6 +524,44 @@ def test_dit_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
         train.run("dit", "quick", out=str(out), steps=1, edit_weight=-1.0)
 
 
+def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path):
+    """decoder_steps: after `steps` the decoder alone trains on; the encoder and the latents stay the first leg's to
+    the bit, the decoder moves; stopped at the leg's start or inside it, the run resumes with the same losses."""
+    from safetensors.torch import load_file
+
+    kw = dict(steps=2, decoder_steps=2, decoder_crop=64, decoder_batch_size=4, log_every=1, sample_every=100,
+              ckpt_every=100)
+    runs = {}
+    for name in ("straight", "first", "resumed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(run_dir / "data", runs[name] / "data")
+    train.run("vae", "quick", out=str(runs["straight"]), **kw)
+    train.run("vae", "quick", out=str(runs["first"]), **{**kw, "decoder_steps": 0})
+    shutil.copytree(runs["first"] / "vae", runs["resumed"] / "vae")
+    (runs["resumed"] / "vae" / "STOP").touch()  # the leg's first step, then a pause inside it
+    train.run("vae", "quick", out=str(runs["resumed"]), **kw)
+    assert json.loads((runs["resumed"] / "vae" / "ckpt" / "state.json").read_text())["step"] == 3
+    train.run("vae", "quick", out=str(runs["resumed"]), **kw)
+
+    def losses(name):
+        rows = [json.loads(x) for x in (runs[name] / "vae" / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["lr"]) for r in rows if "lr" in r]
+
+    straight = losses("straight")
+    assert [s for s, *_ in straight] == [0, 1, 2, 3] and straight == losses("resumed")
+    assert straight[2][2] == train.stage_config("vae", "quick").decoder_lr / 100  # its own warmup (quick: 100)
+    first, last, resumed = (load_file(str(runs[n] / "vae" / "vae.safetensors"))
+                            for n in ("first", "straight", "resumed"))
+    assert all(torch.equal(last[k], resumed[k]) for k in last)
+    assert all(torch.equal(first[k], last[k]) for k in first if not k.startswith("decoder."))
+    assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("decoder."))
+    for f in ("latents_scenes.npy", "latents_source.npy", "vae.json"):
+        assert (runs["first"] / "vae" / f).read_bytes() == (runs["straight"] / "vae" / f).read_bytes(), f
+    for bad in (dict(decoder_steps=-1), dict(decoder_crop=30), dict(decoder_only=True, init=str(run_dir / "model"))):
+        with pytest.raises(ValueError, match="decoder_"):
+            train.run("vae", "quick", out=str(tmp_path / "bad"), **{**kw, **bad})
+
+
 def test_vae_decoder_only_keeps_the_encoder_and_its_latents(run_dir, tmp_path):
     """decoder_only fine-tunes the decoder of a trained VAE: the encoder, the latent normalisation and the latents
     the DiT trained on stay the model's, to the bit; without a model to start from it says what to give."""

@@ -19,7 +19,8 @@ DISTRIBUTED = ("ar", "dit")  # stages that run under torchrun (DDP); the others 
 # second leg (restart_at) ran later as a run of its own from the first model (`--set init=... --set seed=1`).
 RECIPES: dict[str, dict[str, dict]] = {
     "data": {"world": dict(n_scenes=60000, n_edits=24000), "quick": dict(n_scenes=192, n_edits=96)},
-    "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250),
+    "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250,
+                          decoder_steps=3000),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
     "tokenizer": {"world": dict(steps=2500, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250,
                             factored_codebook=True, edit_images=True),

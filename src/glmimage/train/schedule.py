@@ -103,7 +103,8 @@ class Runner:
             stage = name.split("-")[0]
             try:
                 last = (self.out / stage / "metrics.jsonl").read_text().rstrip().rsplit("\n", 1)[-1]
-                total = json.loads((self.out / stage / "train_config.json").read_text())["steps"]
+                cfg = json.loads((self.out / stage / "train_config.json").read_text())
+                total = cfg["steps"] + cfg.get("decoder_steps", 0)  # the vae's decoder leg counts on
                 parts.append(f"{name} {json.loads(last)['step'] + 1}/{total}")
             except (OSError, ValueError, KeyError, IndexError):
                 parts.append(f"{name} starting")
