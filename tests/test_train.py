@@ -564,7 +564,11 @@ def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path)
     model = load_file(str(run_dir / "model" / "model.safetensors"))
     kept = load_file(str(out / "vae" / "vae.safetensors"))
     assert all(torch.equal(w, model["vae." + k].float()) for k, w in kept.items())
-    for bad in (dict(decoder_steps=-1), dict(decoder_crop=30), dict(decoder_only=True, init=str(run_dir / "model"))):
+    out = tmp_path / "decoder_only"  # decoder_only: its steps are all the decoder's, no second leg after them
+    shutil.copytree(run_dir / "data", out / "data")
+    train.run("vae", "quick", out=str(out), **{**kw, "steps": 1}, decoder_only=True, init=str(run_dir / "model"))
+    assert json.loads((out / "vae" / "ckpt" / "state.json").read_text())["step"] == 1
+    for bad in (dict(decoder_steps=-1), dict(decoder_crop=30)):
         with pytest.raises(ValueError, match="decoder_"):
             train.run("vae", "quick", out=str(tmp_path / "bad"), **{**kw, **bad})
 

@@ -34,8 +34,8 @@ class VAETrainConfig(C.StageConfig):
     # train the decoder alone (from `init`): the encoder, and with it every latent, the normalisation and what the DiT
     # learned to paint, stay as they are, while the decoder learns to draw those latents sharper
     decoder_only: bool = False
-    # a second leg after `steps` (none when steps is 0), the same in one run: the decoder alone, on larger crops, with
-    # a fresh optimizer state and schedule (the latents and their normalisation are the first leg's encoder's)
+    # a second leg after `steps` (none when steps is 0 or with decoder_only), the same in one run: the decoder alone,
+    # on larger crops, with a fresh optimizer state and schedule (latents and normalisation: the first leg's encoder's)
     decoder_steps: int = 0
     decoder_crop: int = 64
     decoder_batch_size: int = 32
@@ -86,11 +86,11 @@ def main(cfg: VAETrainConfig) -> Path:
     for name, crop in (("crop", cfg.crop), ("decoder_crop", cfg.decoder_crop)):
         if crop % f or crop > size:
             raise ValueError(f"{name} must be a multiple of the VAE factor {f} and at most {size}, got {crop}")
-    if cfg.decoder_steps < 0 or (cfg.decoder_steps and cfg.decoder_only):
-        raise ValueError(f"decoder_steps ({cfg.decoder_steps}) is a second leg of a whole-VAE run: >= 0, and 0 with "
-                         "decoder_only (which trains the decoder alone from its first step)")
-    # no first leg, no second: `--steps 0` trains nothing (the latents of an init, for a later stage)
-    total = cfg.steps + (cfg.decoder_steps if cfg.steps else 0)
+    if cfg.decoder_steps < 0:
+        raise ValueError(f"decoder_steps must be >= 0, got {cfg.decoder_steps}")
+    # the second leg follows a first one that trains the whole VAE: none after `--steps 0` (which only writes the
+    # latents of its init) nor with decoder_only (whose `steps` are all the decoder's already)
+    total = cfg.steps + (cfg.decoder_steps if cfg.steps and not cfg.decoder_only else 0)
     second = replace(cfg, lr=cfg.decoder_lr)  # the decoder leg's schedule: warmup, then cosine over its steps
 
     def plan(step: int) -> tuple[int, int, float]:
