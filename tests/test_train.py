@@ -557,9 +557,9 @@ def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path)
     assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("decoder."))
     for f in ("latents_scenes.npy", "latents_source.npy", "vae.json"):
         assert (runs["first"] / "vae" / f).read_bytes() == (runs["straight"] / "vae" / f).read_bytes(), f
-    out = tmp_path / "latents_only"  # --steps 0: no leg at all, the latents of its init
+    out = tmp_path / "latents_only"  # --steps 0: no leg at all (nor a check of its crop), the latents of its init
     shutil.copytree(run_dir / "data", out / "data")
-    train.run("vae", "quick", out=str(out), **{**kw, "steps": 0}, init=str(run_dir / "model"))
+    train.run("vae", "quick", out=str(out), **{**kw, "steps": 0, "decoder_crop": 30}, init=str(run_dir / "model"))
     assert not (out / "vae" / "metrics.jsonl").is_file() or "lr" not in (out / "vae" / "metrics.jsonl").read_text()
     model = load_file(str(run_dir / "model" / "model.safetensors"))
     kept = load_file(str(out / "vae" / "vae.safetensors"))

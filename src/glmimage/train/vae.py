@@ -83,14 +83,14 @@ def main(cfg: VAETrainConfig) -> Path:
     images = data["images"]
     n, size = len(data), images.shape[1]
     f = mcfg.vae_factor
-    for name, crop in (("crop", cfg.crop), ("decoder_crop", cfg.decoder_crop)):
-        if crop % f or crop > size:
-            raise ValueError(f"{name} must be a multiple of the VAE factor {f} and at most {size}, got {crop}")
     if cfg.decoder_steps < 0:
         raise ValueError(f"decoder_steps must be >= 0, got {cfg.decoder_steps}")
     # the second leg follows a first one that trains the whole VAE: none after `--steps 0` (which only writes the
     # latents of its init) nor with decoder_only (whose `steps` are all the decoder's already)
     total = cfg.steps + (cfg.decoder_steps if cfg.steps and not cfg.decoder_only else 0)
+    for name, crop in (("crop", cfg.crop),) + ((("decoder_crop", cfg.decoder_crop),) if total > cfg.steps else ()):
+        if crop % f or crop > size:
+            raise ValueError(f"{name} must be a multiple of the VAE factor {f} and at most {size}, got {crop}")
     second = replace(cfg, lr=cfg.decoder_lr)  # the decoder leg's schedule: warmup, then cosine over its steps
 
     def plan(step: int) -> tuple[int, int, float]:
