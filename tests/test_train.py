@@ -573,6 +573,20 @@ def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path)
             train.run("vae", "quick", out=str(tmp_path / "bad"), **{**kw, **bad})
 
 
+def test_train_all_progress_counts_every_step_a_stage_runs(tmp_path):
+    """The minute line of `train all`: a stage's step of all it runs, the vae's decoder leg included."""
+    from glmimage.train import common as C
+    from glmimage.train.schedule import Runner
+
+    r = Runner(str(tmp_path), "quick", {})
+    for stage, sets, step in (("vae", dict(steps=3, decoder_steps=2), 3), ("ar", dict(steps=3), 1)):
+        C.write_config(tmp_path / stage, train.stage_config(stage, "quick", **sets))
+        (tmp_path / stage / "metrics.jsonl").write_text(json.dumps({"step": step}) + "\n")
+        r.running[stage] = None
+    r.running["dit-lane"] = None  # no files yet
+    assert r.progress() == "vae 4/5 · ar 2/3 · dit-lane starting"
+
+
 def test_vae_decoder_only_keeps_the_encoder_and_its_latents(run_dir, tmp_path):
     """decoder_only fine-tunes the decoder of a trained VAE: the encoder, the latent normalisation and the latents
     the DiT trained on stay the model's, to the bit; without a model to start from it says what to give."""

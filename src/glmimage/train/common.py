@@ -51,6 +51,11 @@ class StageConfig:
     # checkpoint yet, with a fresh optimizer and schedule: a run continued from a model, not from a checkpoint
     init: str = ""
 
+    @property
+    def total_steps(self) -> int:
+        """Every step the stage runs (a stage with a second leg after `steps` counts it)."""
+        return self.steps
+
     def with_overrides(self, **kw):
         names = {f.name for f in fields(self)}
         bad = sorted(set(kw) - names)

@@ -98,13 +98,15 @@ class Runner:
 
     def progress(self) -> str:
         """'vae 820/1500 · ar 310/5500' from each running stage's metrics.jsonl and train_config.json."""
+        from glmimage.train import stage_config
+
         parts = []
         for name in list(self.running):
             stage = name.split("-")[0]
             try:
                 last = (self.out / stage / "metrics.jsonl").read_text().rstrip().rsplit("\n", 1)[-1]
                 cfg = json.loads((self.out / stage / "train_config.json").read_text())
-                total = cfg["steps"] + cfg.get("decoder_steps", 0)  # the vae's decoder leg counts on
+                total = stage_config(stage, self.recipe, **cfg).total_steps  # the vae's decoder leg counts on
                 parts.append(f"{name} {json.loads(last)['step'] + 1}/{total}")
             except (OSError, ValueError, KeyError, IndexError):
                 parts.append(f"{name} starting")

@@ -41,6 +41,12 @@ class VAETrainConfig(C.StageConfig):
     decoder_batch_size: int = 32
     decoder_lr: float = 5e-4
 
+    @property
+    def total_steps(self) -> int:
+        """steps, then the decoder leg: it follows a first leg that trains the whole VAE, so none after `--steps 0`
+        (which only writes the latents of its init) nor with decoder_only (whose steps are all the decoder's)."""
+        return self.steps + (self.decoder_steps if self.steps and not self.decoder_only else 0)
+
 
 def freeze_all_but_decoder(model) -> None:
     """Only the decoder (and its post-quant conv) trains: what encodes, and so every latent, stays to the bit."""
@@ -85,9 +91,7 @@ def main(cfg: VAETrainConfig) -> Path:
     f = mcfg.vae_factor
     if cfg.decoder_steps < 0:
         raise ValueError(f"decoder_steps must be >= 0, got {cfg.decoder_steps}")
-    # the second leg follows a first one that trains the whole VAE: none after `--steps 0` (which only writes the
-    # latents of its init) nor with decoder_only (whose `steps` are all the decoder's already)
-    total = cfg.steps + (cfg.decoder_steps if cfg.steps and not cfg.decoder_only else 0)
+    total = cfg.total_steps
     for name, crop in (("crop", cfg.crop),) + ((("decoder_crop", cfg.decoder_crop),) if total > cfg.steps else ()):
         if crop % f or crop > size:
             raise ValueError(f"{name} must be a multiple of the VAE factor {f} and at most {size}, got {crop}")
@@ -118,7 +122,7 @@ def main(cfg: VAETrainConfig) -> Path:
     bar = tqdm(total=total, initial=start, desc="vae", unit="step")
     pause = C.Pause(out)
     for step in range(start, total):
-        if step == cfg.steps and cfg.decoder_steps:  # the decoder leg begins: the encoder frozen, a fresh optimizer
+        if step == cfg.steps:  # the decoder leg begins: the encoder frozen, a fresh optimizer
             freeze_all_but_decoder(model)
             opt.state.clear()
         crop, batch, lr = plan(step)
