@@ -493,6 +493,41 @@ def test_dit_edit_rows_read_their_source_as_chosen(run_dir, tmp_path, monkeypatc
         train.run("dit", "quick", out=str(out), steps=1, edit_source="graph")
 
 
+def test_vae_edit_latents_encode_the_pairs_the_dit_draws_from(run_dir, tmp_path, monkeypatch):
+    """edit_latents=N: the vae writes latents for the first N edit pairs only and the DiT's image-to-image rows draw
+    from those, while the data (and the AR's and ViT's edit rows) may hold more pairs; bad values are refused
+    before any training, and latents that do not fit the data are refused by the DiT."""
+    from glmimage.dit.model import DiT
+
+    out = tmp_path / "run"
+    _source_readings(run_dir, out, ("data", "tokenizer"))
+    n_pairs, k = len(Dataset(out / "data" / "edits")), 40
+    for bad in (-1, n_pairs + 1):
+        with pytest.raises(ValueError, match="edit_latents"):
+            train.run("vae", "quick", out=str(out), edit_latents=bad)
+        assert not (out / "vae" / "ckpt").exists()
+    train.run("vae", "quick", out=str(out), edit_latents=k)
+    src_lat = np.load(out / "vae" / "latents_source.npy")
+    assert len(src_lat) == len(np.load(out / "vae" / "latents_target.npy")) == k < n_pairs
+    seen = []
+    kv = DiT.condition_kv_batched
+
+    def spy(self, latents, prior_ids, target_size):
+        n = int(prior_ids.shape[1] ** 0.5)
+        seen.extend(tuple(r) for r in prior_ids.view(-1, n, n)[:, ::2, ::2].flatten(1).tolist())
+        return kv(self, latents, prior_ids, target_size)
+
+    monkeypatch.setattr(DiT, "condition_kv_batched", spy)
+    train.run("dit", "quick", out=str(out), steps=4, restart_at=0, edit_fraction=1.0, edit_source="true")
+    true_src = np.load(out / "tokenizer" / "ids_source.npy").tolist()
+    assert len(seen) == 4 * 8 and set(seen) <= {tuple(r) for r in true_src[:k]}
+    assert not set(seen) <= {tuple(r) for r in true_src[k:]}
+    np.save(out / "vae" / "latents_target.npy", np.load(out / "vae" / "latents_target.npy")[:-1])
+    shutil.rmtree(out / "dit")
+    with pytest.raises(ValueError, match="train vae"):
+        train.run("dit", "quick", out=str(out), steps=1)
+
+
 def test_dit_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
     """edit_weight adds loss weight on an image-to-image row's latents whose token the edit changes (target id ≠
     source id), on top of fg_weight's under shapes and text; text-to-image rows and weight 0 keep the plain loss."""

@@ -112,6 +112,10 @@ def main(cfg: DiTTrainConfig) -> Path:
     ids = np.load(root / "tokenizer" / "ids_scenes.npy")
     ids_s, ids_e = np.load(root / "tokenizer" / source), np.load(root / "tokenizer" / "ids_target.npy")
     ids_s_true = np.load(root / "tokenizer" / "ids_source.npy", mmap_mode="r")  # what the edit changes
+    n_edits = len(lat_s)  # the pairs with latents (the vae's edit_latents): the AR and the ViT may read more
+    if n_edits > len(edits) or len(lat_e) != n_edits:
+        raise ValueError(f"{root / 'vae'} has latents of {n_edits} edit sources and {len(lat_e)} targets for "
+                         f"{len(edits)} edit pairs in {root / 'data' / 'edits'}: run `glmimage train vae` again")
     size = scenes.recipe["size"]
     (th, tw), _ = mcfg.grids(size, size)
     seq_len = lat.shape[2] * lat.shape[3] // mcfg.dit.patch_size ** 2
@@ -161,7 +165,7 @@ def main(cfg: DiTTrainConfig) -> Path:
         b = cfg.batch_size
         is_edit = rng.random() < cfg.edit_fraction
         if is_edit:
-            idx = np.sort(np.array([rng.randrange(len(edits)) for _ in range(b)]))
+            idx = np.sort(np.array([rng.randrange(n_edits) for _ in range(b)]))
             texts = [edits["instructions"][i] for i in idx]
         else:
             idx = np.sort(np.array([rng.choice(with_text) if cfg.text_fraction and rng.random() < cfg.text_fraction

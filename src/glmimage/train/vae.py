@@ -40,6 +40,9 @@ class VAETrainConfig(C.StageConfig):
     decoder_crop: int = 64
     decoder_batch_size: int = 32
     decoder_lr: float = 5e-4
+    # > 0: latents for the first N edit pairs only, the pairs the DiT's image-to-image rows draw from; the AR and the
+    # ViT read every pair (their edit rows need ids, not latents), so the data can hold more pairs than the DiT encodes
+    edit_latents: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -89,8 +92,13 @@ def main(cfg: VAETrainConfig) -> Path:
     images = data["images"]
     n, size = len(data), images.shape[1]
     f = mcfg.vae_factor
-    if cfg.decoder_steps < 0:
-        raise ValueError(f"decoder_steps must be >= 0, got {cfg.decoder_steps}")
+    if cfg.decoder_steps < 0 or cfg.edit_latents < 0:
+        raise ValueError(f"decoder_steps and edit_latents must be >= 0, got {cfg.decoder_steps} and "
+                         f"{cfg.edit_latents}")
+    edits_dir = Path(cfg.out) / "data" / "edits"
+    n_pairs = len(Dataset(edits_dir)) if (edits_dir / "meta.json").is_file() else 0
+    if cfg.edit_latents > n_pairs:  # checked before training, not after it
+        raise ValueError(f"edit_latents={cfg.edit_latents} but {edits_dir} holds {n_pairs} edit pairs")
     total = cfg.total_steps
     for name, crop in (("crop", cfg.crop),) + ((("decoder_crop", cfg.decoder_crop),) if total > cfg.steps else ()):
         if crop % f or crop > size:
@@ -191,13 +199,13 @@ def main(cfg: VAETrainConfig) -> Path:
     (out / "vae.json").write_text(json.dumps(config, indent=2))
     C.save_weights(model, out / "vae.safetensors")
 
-    # Stage output for the DiT: normalised latents of every training image (and both sides of every edit pair)
+    # Stage output for the DiT: normalised latents of every training image and both sides of the edit pairs (the first
+    # edit_latents, or all)
     vae = load_trained(cfg.out)
     np.save(out / "latents_scenes.npy", encode_all(vae, images, desc="latents scenes", bf16=cfg.bf16))
-    edits_dir = Path(cfg.out) / "data" / "edits"
-    if (edits_dir / "meta.json").is_file():
-        edits = Dataset(edits_dir)
+    if n_pairs:
+        edits, k = Dataset(edits_dir), cfg.edit_latents or n_pairs
         for side in ("source", "target"):
-            z = encode_all(vae, edits[side], desc=f"latents edit {side}s", bf16=cfg.bf16)
+            z = encode_all(vae, edits[side][:k], desc=f"latents edit {side}s", bf16=cfg.bf16)
             np.save(out / f"latents_{side}.npy", z)
     return out
