@@ -96,7 +96,8 @@ def main(cfg: VAETrainConfig) -> Path:
         raise ValueError(f"decoder_steps and edit_latents must be >= 0, got {cfg.decoder_steps} and "
                          f"{cfg.edit_latents}")
     edits_dir = Path(cfg.out) / "data" / "edits"
-    n_pairs = len(Dataset(edits_dir)) if (edits_dir / "meta.json").is_file() else 0
+    edits = Dataset(edits_dir) if (edits_dir / "meta.json").is_file() else None
+    n_pairs = len(edits) if edits is not None else 0
     if cfg.edit_latents > n_pairs:  # checked before training, not after it
         raise ValueError(f"edit_latents={cfg.edit_latents} but {edits_dir} holds {n_pairs} edit pairs")
     total = cfg.total_steps
@@ -204,7 +205,7 @@ def main(cfg: VAETrainConfig) -> Path:
     vae = load_trained(cfg.out)
     np.save(out / "latents_scenes.npy", encode_all(vae, images, desc="latents scenes", bf16=cfg.bf16))
     if n_pairs:
-        edits, k = Dataset(edits_dir), cfg.edit_latents or n_pairs
+        k = cfg.edit_latents or n_pairs
         for side in ("source", "target"):
             z = encode_all(vae, edits[side][:k], desc=f"latents edit {side}s", bf16=cfg.bf16)
             np.save(out / f"latents_{side}.npy", z)
