@@ -559,6 +559,51 @@ def test_dit_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
         train.run("dit", "quick", out=str(out), steps=1, edit_weight=-1.0)
 
 
+def test_ar_edit_weight_weighs_the_tokens_an_edit_changes(run_dir, tmp_path):
+    """edit_weight gives an image-to-image row's target ids that differ from its source grid 1 + W of the loss
+    (the rest 1), normalised by the summed weights: edits that change every id or none train as without it, the
+    world's edits (some ids changed) weigh their changes and log the plain cross entropy beside; text-to-image rows
+    untouched; a negative or non-finite weight refused."""
+    from glmimage.tokenizer.text import TextTokenizer
+    from glmimage.train.ar import edit_weights, make_batch, target_weights
+
+    src, tgt = torch.tensor([3, 4, 5, 6]), torch.tensor([3, 9, 5, 7])
+    assert edit_weights(src, tgt, 4.0).tolist() == [1.0, 5.0, 1.0, 5.0]
+    tok = TextTokenizer.from_file(run_dir / "ar" / "tokenizer.json")
+    prompt = argen.layout_prompt(tok, "a red circle", target=(2, 2), preview=None, cond=[(src, 2, 2)])
+    short = argen.layout_prompt(tok, "", target=(2, 2), preview=None, cond=[(src, 2, 2)])
+    _, _, targets = make_batch([(prompt, tgt), (short, tgt)], tok.pad_id)
+    w = target_weights(targets, [edit_weights(src, tgt, 4.0), torch.ones(4)])
+    assert torch.equal(targets[targets != -100], torch.cat([tgt, tgt]))  # the weights sit where the grid ids do
+    assert w[0][targets[0] != -100].tolist() == [1.0, 5.0, 1.0, 5.0]
+    assert w[1].sum() == 4 and w[targets == -100].sum() == 0
+
+    out = tmp_path / "run"
+    _source_readings(run_dir, out, ("data", "tokenizer"))
+    tokdir = out / "tokenizer"
+    source, edited = np.load(tokdir / "ids_source.npy"), np.load(tokdir / "ids_target.npy")
+
+    def first_step(target: np.ndarray, edit_fraction: float = 1.0, **kw) -> dict:
+        """The first step's metrics with the true source grids (edit_source=true) and these target grids."""
+        np.save(tokdir / "ids_target.npy", target)
+        shutil.rmtree(out / "ar", ignore_errors=True)
+        train.run("ar", "quick", out=str(out), steps=1, edit_source="true", edit_fraction=edit_fraction,
+                  sample_every=100, **kw)
+        return json.loads((out / "ar" / "metrics.jsonl").read_text().splitlines()[0])
+
+    everywhere = (source + 1) % (max(source.max(), edited.max()) + 1)  # every target id differs from its source's
+    for target in (source, everywhere):  # one weight for every token: the weighted mean is the plain mean
+        assert first_step(target, edit_weight=4.0)["loss"] == pytest.approx(first_step(target)["loss"], rel=1e-6)
+    plain, weighted = first_step(edited), first_step(edited, edit_weight=4.0)  # the world's edits change some ids
+    assert weighted["ce"] == pytest.approx(plain["loss"], rel=1e-6)  # the plain cross entropy, logged beside
+    assert weighted["loss"] != pytest.approx(plain["loss"], rel=1e-3)  # the changed ids weigh more
+    assert first_step(edited, edit_fraction=0.0, edit_weight=4.0)["loss"] == pytest.approx(
+        first_step(edited, edit_fraction=0.0)["loss"], rel=1e-6)  # text-to-image rows: no source, no weights
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="edit_weight"):
+            train.run("ar", "quick", out=str(out), steps=1, edit_weight=bad)
+
+
 def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path):
     """decoder_steps: after `steps` the decoder alone trains on; the encoder and the latents stay the first leg's to
     the bit, the decoder moves; stopped at the leg's start or inside it, the run resumes with the same losses."""

@@ -13,6 +13,7 @@ draws the whole batch from (seed, step), so N processes see the losses of one).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class ARTrainConfig(C.StageConfig):
     # the edit rows' source grid: "read" = the ids the trained ViT reads from the source image (tokenizer stage,
     # ids_source_read.npy), as the pipeline gives them; "true" = the source scene graph's own ids
     edit_source: str = "read"
+    # extra loss weight on the target ids of an image-to-image row that differ from its source grid (what the edit
+    # changes, and the source's misreadings it must correct): 1 + edit_weight there, 1 elsewhere; 0 = plain CE
+    edit_weight: float = 0.0
 
 
 def stage_dir(cfg) -> Path:
@@ -80,6 +84,19 @@ def make_batch(rows: list[tuple[argen.Prompt, torch.Tensor]], pad_id: int):
     return ids, pos, targets
 
 
+def edit_weights(source: torch.Tensor, target: torch.Tensor, w: float) -> torch.Tensor:
+    """Loss weights of an edit row's target grid: 1 + w where the target id differs from the source's, else 1."""
+    return 1.0 + w * (target != source).float()
+
+
+def target_weights(targets: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Each row's grid weights (in grid order, as make_batch lays out its targets) at its target positions (B, L);
+    0 where there is no target."""
+    out = torch.zeros(targets.shape)
+    out[targets != -100] = torch.cat(weights)
+    return out
+
+
 def text_tokenizer(root: Path, codebook_size: int, merges: int, init: str = "") -> TextTokenizer:
     """The run's BPE over the world's captions and instructions (trained once, kept in <out>/ar/tokenizer.json);
     a run started from a model (`init`) keeps that model's, which its embedding rows were trained with."""
@@ -110,6 +127,8 @@ def main(cfg: ARTrainConfig) -> Path:
     tokdir = root / "tokenizer"
     if cfg.edit_source not in ("read", "true"):
         raise ValueError(f"edit_source must be 'read' or 'true', got {cfg.edit_source!r}")
+    if not (cfg.edit_weight >= 0 and math.isfinite(cfg.edit_weight)):
+        raise ValueError(f"edit_weight must be a finite number >= 0, got {cfg.edit_weight}")
     if not 0 <= cfg.instruction_dropout <= 1:
         raise ValueError(f"instruction_dropout must be in [0, 1], got {cfg.instruction_dropout}")
     source = "ids_source_read.npy" if cfg.edit_source == "read" else "ids_source.npy"
@@ -151,28 +170,35 @@ def main(cfg: ARTrainConfig) -> Path:
     for step in range(start, cfg.steps):
         g = C.step_generator(cfg.seed, step)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
-        rows = []
+        rows, weights = [], []
         for _ in range(cfg.batch_size):
             if rng.random() < cfg.edit_fraction:
                 i = rng.randrange(len(edits))
                 text = "" if cfg.instruction_dropout and rng.random() < cfg.instruction_dropout else instructions[i]
                 p = argen.layout_prompt(tok, text, target=target, preview=None,
                                         cond=[(torch.from_numpy(ids_s[i].astype(np.int64)), *target)])
-                rows.append((p, torch.from_numpy(ids_e[i].astype(np.int64))))
+                grid = torch.from_numpy(ids_e[i].astype(np.int64))
+                rows.append((p, grid))
+                weights.append(edit_weights(torch.from_numpy(ids_s[i].astype(np.int64)), grid, cfg.edit_weight))
             else:
                 i = rng.randrange(len(scenes))
                 text = "" if rng.random() < cfg.caption_dropout else rng.choice(captions[i])
                 p = argen.layout_prompt(tok, text, target=target, preview=preview)
                 rows.append((p, torch.from_numpy(np.concatenate([ids_p[i], ids_t[i]]).astype(np.int64))))
-        n_targets = sum(g.numel() for _, g in rows)  # of the global batch (edit rows have no preview grid)
+                weights.append(torch.ones(rows[-1][1].numel()))
+        # of the global batch (edit rows have no preview grid): the plain and the weighted count of targets
+        n_targets, total = sum(g.numel() for _, g in rows), float(sum(w.sum() for w in weights))
         ids, pos, targets = make_batch(C.my_rows(rows, d), tok.pad_id)
+        weight = target_weights(targets, C.my_rows(weights, d))
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
         with C.autocast(cfg.bf16):
             logits = ddp(ids, pos, None)
-        # the global batch's mean: this slice's sum over all targets (× processes, as DDP averages gradients)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                               reduction="sum") * d.world / n_targets
+        # the global batch's (weighted) mean: this slice's sum over its targets (× processes, as DDP averages
+        # gradients); with edit_weight 0 every weight is 1 and it is the plain mean cross entropy
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="none").view_as(weight)
+        loss = (nll * weight).sum() * d.world / total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -181,10 +207,12 @@ def main(cfg: ARTrainConfig) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             sel = targets != -100
             acc = parallel.mean(d, (logits.argmax(-1)[sel] == targets[sel]).float().mean()).item()
-            loss_v = parallel.mean(d, loss).item()  # = the global batch's mean cross entropy
+            loss_v = parallel.mean(d, loss).item()  # = the global batch's (weighted) mean cross entropy
+            # with edit_weight the plain mean cross entropy too, comparable with a run without it
+            ce = {"ce": parallel.mean(d, nll.detach().sum() * d.world / n_targets).item()} if cfg.edit_weight else {}
             bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
             if d.main:
-                log.scalars(step, loss=loss_v, token_acc=acc, grad_norm=gn.item(), lr=C.lr_at(step, cfg))
+                log.scalars(step, loss=loss_v, token_acc=acc, grad_norm=gn.item(), lr=C.lr_at(step, cfg), **ce)
         done = step + 1
         if d.main and (done % cfg.sample_every == 0 or done == cfg.steps):
             _samples(model, tok, scenes, ids_t, code_patches, target, preview, cfg, out / "samples.png")
