@@ -846,6 +846,17 @@ def test_bf16_autocast_by_default_only_where_it_is_native(monkeypatch):
             assert not torch.is_autocast_enabled("cpu")
 
 
+def test_every_recipe_builds_its_stage_configs():
+    """Each stage's recipes name only fields its config has; the world recipe's vae encodes no more edit pairs than
+    its data stage makes, and its DiT's warm restart (if any) falls inside its steps."""
+    for stage in train.STAGES:
+        for recipe in train.RECIPES[stage]:
+            train.stage_config(stage, recipe)
+    assert train.stage_config("vae").edit_latents <= train.stage_config("data").n_edits
+    dit = train.stage_config("dit")
+    assert 0 <= dit.restart_at < dit.steps
+
+
 def test_cli_train_rejects_bad_options(tmp_path, capsys):
     assert cli(["train", "ar", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown option" in capsys.readouterr().err

@@ -74,11 +74,13 @@ def load_trained(out: str | Path, cfg_name: str = "world") -> VisualTokenizer:
 def write_ids(root: Path, out: Path, grid: int) -> None:
     """The semantic ids of every training image and edit pair (from the scene graphs, no pixels involved)."""
     scenes = D.scene_graphs(D.Dataset(root / "data" / "scenes"))
-    np.save(out / "ids_scenes.npy", np.stack([D.token_codes(s, grid) for s in scenes]))
-    np.save(out / "ids_preview.npy", np.stack([D.token_codes(s, max(1, grid // 2)) for s in scenes]))
+    codes = [(D.token_codes(s, grid), D.token_codes(s, max(1, grid // 2))) for s in tqdm(scenes, desc="scene ids")]
+    np.save(out / "ids_scenes.npy", np.stack([t for t, _ in codes]))
+    np.save(out / "ids_preview.npy", np.stack([p for _, p in codes]))
     edits = D.scene_graphs(D.Dataset(root / "data" / "edits"))
-    np.save(out / "ids_source.npy", np.stack([D.token_codes(e.source, grid) for e in edits]))
-    np.save(out / "ids_target.npy", np.stack([D.token_codes(e.target, grid) for e in edits]))
+    codes = [(D.token_codes(e.source, grid), D.token_codes(e.target, grid)) for e in tqdm(edits, desc="edit ids")]
+    np.save(out / "ids_source.npy", np.stack([s for s, _ in codes]))
+    np.save(out / "ids_target.npy", np.stack([t for _, t in codes]))
 
 
 def code_patches(num_codes: int) -> np.ndarray:
@@ -298,7 +300,7 @@ def read_sources(vq: VisualTokenizer, root: Path, mean, std) -> np.ndarray:
     reader.load_state_dict(vq.state_dict())
     with torch.no_grad():
         reader.codebook.weight.copy_(complete_unseen(reader.codebook.weight, seen_codes(root)))
-    return read_ids(reader, D.Dataset(root / "data" / "edits")["source"], mean, std)
+    return read_ids(reader, D.Dataset(root / "data" / "edits")["source"], mean, std, desc="read the edit sources")
 
 
 def _accuracies(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -315,12 +317,14 @@ def _accuracies(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def read_ids(vq: VisualTokenizer, images: np.ndarray, mean, std, batch: int = 500) -> np.ndarray:
-    """uint8 images -> the ids the ViT reads (N, h*w) int64, exactly as the pipeline tokenizes."""
+def read_ids(vq: VisualTokenizer, images: np.ndarray, mean, std, batch: int = 500, desc: str | None = None
+             ) -> np.ndarray:
+    """uint8 images -> the ids the ViT reads (N, h*w) int64, exactly as the pipeline tokenizes (with a progress bar
+    named `desc` when given)."""
     was = vq.training
     vq.eval()
     out = [vq.encode(normalize(images[i:i + batch], mean, std)).flatten(1).numpy()
-           for i in range(0, len(images), batch)]
+           for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=desc is None)]
     vq.train(was)
     return np.concatenate(out)
 
