@@ -32,7 +32,7 @@ RECIPES: dict[str, dict[str, dict]] = {
            "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2)},
     "dit": {"world": dict(steps=4000, restart_at=0, batch_size=64, lr=5e-4, warmup=300, sample_every=1000,
                           ckpt_every=250, fg_weight=3.0, fg_from_step=2000, text_fraction=0.3, noise_shift=3.0,
-                          glyph_aux=0.1),
+                          glyph_aux=0.1, edit_fraction=0.5),
             "quick": dict(steps=3, restart_at=2, batch_size=8, sample_every=3, ckpt_every=2, n_samples=2)},
 }
 
