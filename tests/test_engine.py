@@ -283,3 +283,19 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, monkeypatch):
     p = glmimage.load(tmp_path / "m", device="cpu")
     assert seen and p.vae.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert alive == [0], f"{alive} of {len(seen)} read VAE kernels still held beside their channels-last copies"
+
+
+def test_gemv_probe_measures_every_kernel():
+    """bench/gemv_probe.py runs end to end on a tiny working set and reports a positive rate for each kernel."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "gemv_probe.py"
+    out = subprocess.run([sys.executable, str(script), "--threads", "1", "--dim", "256", "--mib", "1", "--reps", "2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rates = [float(m) for m in re.findall(r"\s(\d+\.\d)$", out, re.M)]
+    assert len(rates) == 11 and all(r > 0 for r in rates), out
+    for kernel in ("torch.bfloat16 torch.mv", "float32 compiled multiply-reduce", "_weight_int8pack_mm"):
+        assert kernel in out
