@@ -1,9 +1,10 @@
-"""GB/s of weight read by each single-row product kernel on this CPU: what the AR's decode step can reach per dtype.
+"""GB/s of weight read by each single-row product kernel on this CPU, each called alone.
 
 For fp32, bf16 and int8 weights: eager BLAS (`F.linear`, `torch.mv`), the compiled multiply-reduce that `compile()`
 puts in the decode step (glmimage/quant.py `_rowwise`), and the int8 CPU kernel (`torch._weight_int8pack_mm`),
 beside a plain read (`sum`) and a copy into a preallocated buffer. The weights are cycled through a working set of
-about 384 MiB so that no dtype is served from the cache. Takes about a minute.
+about 384 MiB so that no dtype is served from the cache. Takes about a minute. A kernel called alone pays its call
+for every product, which the AR's compiled decode step does not: this ranks kernels, `glmimage bench` decides.
 
     python bench/gemv_probe.py [--threads 2] [--dim 4096] [--mib 384]
 """
