@@ -2,9 +2,10 @@
 
 For fp32, bf16 and int8 weights: eager BLAS (`F.linear`, `torch.mv`), the compiled multiply-reduce that `compile()`
 puts in the decode step (glmimage/quant.py `_rowwise`), and the int8 CPU kernel (`torch._weight_int8pack_mm`),
-beside a plain read (`sum`) and a copy into a preallocated buffer. The weights are cycled through a working set of
-about 384 MiB so that no dtype is served from the cache. Takes about a minute. A kernel called alone pays its call
-for every product, which the AR's compiled decode step does not: this ranks kernels, `glmimage bench` decides.
+beside a plain read (`sum`) and the copy bandwidth that `glmimage bench` takes for its roofline. The weights are
+cycled through a working set of about 384 MiB so that no dtype is served from the cache. Takes about a minute. A
+kernel called alone pays its call for every product, which the AR's compiled decode step does not: this ranks
+kernels, `glmimage bench` decides.
 
     python bench/gemv_probe.py [--threads 2] [--dim 4096] [--mib 384]
 """
@@ -16,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from glmimage.bench import copy_bandwidth
 from glmimage.quant import _rowwise
 
 
@@ -30,6 +32,10 @@ def gbps(fn, ws: list[torch.Tensor], reps: int) -> float:
     return nbytes * reps / (time.perf_counter() - t) / 1e9
 
 
+def show(label: str, rate: float) -> None:
+    print(f"{label:<58}{rate:6.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -39,29 +45,29 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     n, reps = a.dim, a.reps
-    big, dst = torch.randn(a.mib * 2**18), torch.empty(a.mib * 2**18)
+
+    def weights(dtype: torch.dtype) -> list[torch.Tensor]:  # as many n×n weights as fill the working set
+        count = max(1, a.mib * 2**20 // (n * n * torch.empty(0, dtype=dtype).element_size()))
+        if dtype == torch.int8:
+            return [torch.randint(-127, 128, (n, n), dtype=dtype) for _ in range(count)]
+        return [torch.randn(n, n).to(dtype) for _ in range(count)]
+
     print(f"threads {torch.get_num_threads()}, {n}x{n} weights, {a.mib} MiB per dtype; GB/s of weight read")
-    print(f"{'read (sum)':<52}{gbps(lambda w: w.sum(), [big], reps):6.1f}")
-    print(f"{'copy (read + write)':<52}{2 * gbps(lambda w: dst.copy_(w), [big], reps):6.1f}")
+    show("read (sum)", gbps(lambda w: w.sum(), [torch.randn(a.mib * 2**18)], reps))
+    show("copy (read + write; glmimage bench's roofline)", copy_bandwidth(a.mib * 2**20) / 1e9)
     compiled = torch.compile(lambda x, w, s: _rowwise(x, w, s), dynamic=False)
     for dt in (torch.float32, torch.bfloat16):
-        size = torch.empty(0, dtype=dt).element_size()
-        ws = [torch.randn(n, n).to(dt) for _ in range(max(1, a.mib * 2**20 // (n * n * size)))]
-        x = torch.randn(1, n).to(dt)
-        print(f"{str(dt) + ' F.linear':<52}{gbps(lambda w: F.linear(x, w), ws, reps):6.1f}")
-        print(f"{str(dt) + ' torch.mv':<52}{gbps(lambda w: torch.mv(w, x[0]), ws, reps):6.1f}")
-        print(f"{str(dt) + ' compiled multiply-reduce':<52}{gbps(lambda w: compiled(x, w, None), ws, reps):6.1f}")
+        ws, x = weights(dt), torch.randn(1, n).to(dt)
+        show(f"{dt} F.linear", gbps(lambda w: F.linear(x, w), ws, reps))
+        show(f"{dt} torch.mv", gbps(lambda w: torch.mv(w, x[0]), ws, reps))
+        show(f"{dt} compiled multiply-reduce", gbps(lambda w: compiled(x, w, None), ws, reps))
         del ws
-    qs = [torch.randint(-127, 128, (n, n), dtype=torch.int8) for _ in range(max(1, a.mib * 2**20 // (n * n)))]
-    scale = torch.rand(n)
+    qs, scale = weights(torch.int8), torch.rand(n)
     for dt in (torch.float32, torch.bfloat16):
         x, s = torch.randn(1, n).to(dt), scale.to(dt)
-        label = f"int8, {dt} activations, compiled multiply-reduce"
-        print(f"{label:<52}{gbps(lambda w: compiled(x, w, s), qs, reps):6.1f}")
+        show(f"int8, {dt} activations, compiled multiply-reduce", gbps(lambda w: compiled(x, w, s), qs, reps))
     xb, sb = torch.randn(1, n).to(torch.bfloat16), scale.to(torch.bfloat16)
-    label = "int8, bf16 activations, _weight_int8pack_mm"
-    print(f"{label:<52}{gbps(lambda w: torch._weight_int8pack_mm(xb, w, sb), qs, reps):6.1f}")
-
+    show("int8, bf16 activations, _weight_int8pack_mm", gbps(lambda w: torch._weight_int8pack_mm(xb, w, sb), qs, reps))
 
 if __name__ == "__main__":
     main()

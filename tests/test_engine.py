@@ -1,5 +1,9 @@
 """The engine's fast paths give the plain path's outputs: compiled decode, int8 weights, placement and offload."""
 import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,11 +291,6 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, monkeypatch):
 
 def test_gemv_probe_measures_every_kernel():
     """bench/gemv_probe.py runs end to end on a tiny working set and reports a positive rate for each kernel."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).parents[1] / "bench" / "gemv_probe.py"
     out = subprocess.run([sys.executable, str(script), "--threads", "1", "--dim", "256", "--mib", "1", "--reps", "2"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
