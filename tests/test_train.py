@@ -846,6 +846,62 @@ def test_bf16_autocast_by_default_only_where_it_is_native(monkeypatch):
             assert not torch.is_autocast_enabled("cpu")
 
 
+def test_training_forward_uses_the_math_attention_kernel_on_cpu():
+    """C.forward runs attention with the math kernel on a CPU (its backward is ~3x faster than the fused kernel's at
+    our lengths: bench/train_attention.py), keeps autocast's choice, and gives the fused kernel's loss and gradients."""
+    from torch.profiler import profile
+
+    from glmimage.ar.model import ARModel
+    from glmimage.config import preset
+    from glmimage.train import common as C
+
+    torch.manual_seed(0)
+    model = ARModel(preset("debug").ar)
+    ids = torch.randint(0, 200, (4, 24))
+    pos = torch.arange(24).expand(3, 4, 24).contiguous()
+
+    def loss_and_grads(context):
+        model.zero_grad(set_to_none=True)
+        with profile() as prof:
+            with context:
+                loss = model(ids, pos, None).float().logsumexp(-1).mean()
+            loss.backward()
+        ops = {e.key for e in prof.key_averages()}
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], ops
+
+    fused_loss, fused_grads, fused_ops = loss_and_grads(C.autocast(False))
+    math_loss, math_grads, math_ops = loss_and_grads(C.forward(False))
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fused_ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in math_ops
+    assert "aten::_scaled_dot_product_attention_math" in math_ops
+    torch.testing.assert_close(math_loss, fused_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(math_grads, fused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with C.forward(True):
+        assert torch.is_autocast_enabled("cpu")
+    with C.forward(False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_train_attention_bench_times_both_kernels(run_dir):
+    """bench/train_attention.py times the attention call of every stage's shapes with each kernel, then runs stages
+    on a finished run's files, stops them after their steps, and prints the seconds per step of each kernel."""
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "bench" / "train_attention.py"
+    out = subprocess.run([sys.executable, str(script), "--reps", "2", "--run", str(run_dir), "--recipe", "quick",
+                          "--steps", "8", "--stages", "ar", "tokenizer"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    calls = re.findall(r"^\w[^:]*: .*\s(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d\d)$", out, re.M)
+    assert len(calls) == 5 and all(float(x) > 0 for c in calls for x in c), out
+    rows = re.findall(r"^(ar|tokenizer)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)$", out, re.M)
+    assert [r[0] for r in rows] == ["ar", "tokenizer"], out
+    assert all(float(x) > 0 for r in rows for x in r[1:]), out
+    assert not list(run_dir.glob("tmp*")), "the scratch folders are removed"
+
+
 def test_every_recipe_builds_its_stage_configs():
     """Each stage's recipes name only fields its config has; the world recipe's vae encodes no more edit pairs than
     its data stage makes, and its DiT's warm restart (if any) falls inside its steps."""

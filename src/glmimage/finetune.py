@@ -438,7 +438,7 @@ def main(cfg: FinetuneConfig) -> Path:
         for k in range(cfg.grad_accum):
             first = d.rank * per_rank + k * micro
             rows = make_rows(data, mine[k * micro:(k + 1) * micro], first, step, cfg)
-            with parallel.no_sync(model, mode, sync=k == cfg.grad_accum - 1), C.autocast(cfg.bf16, d.device.type):
+            with parallel.no_sync(model, mode, sync=k == cfg.grad_accum - 1), C.forward(cfg.bf16, d.device.type):
                 loss, part_losses = model(rows, empty_glyph.to(d.device))
                 (loss / cfg.grad_accum).backward()
             for name, v in part_losses.items():

@@ -192,7 +192,7 @@ def main(cfg: ARTrainConfig) -> Path:
         weight = target_weights(targets, C.my_rows(weights, d))
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, cfg)
-        with C.autocast(cfg.bf16):
+        with C.forward(cfg.bf16):
             logits = ddp(ids, pos, None)
         # the global batch's (weighted) mean: this slice's sum over its targets (× processes, as DDP averages
         # gradients); with edit_weight 0 every weight is 1 and it is the plain mean cross entropy

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glmimage.checkpoint import _tie_t5, atomic_folder, model_folder, read_safetensors, recover_folder
 from glmimage.pipeline import native_bf16
@@ -82,6 +83,20 @@ def autocast(enabled: bool | None, device: str = "cpu"):
     if enabled is None:
         enabled = native_bf16(device)
     return torch.autocast(device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def forward(enabled: bool | None, device: str = "cpu"):
+    """The context of a training forward: `autocast(enabled, device)` and, on a CPU, the math attention kernel.
+
+    At our sequence lengths (16-144 tokens) the backward of the CPU's fused (flash) attention kernel costs many times
+    its forward; with the math kernel (matmuls and a softmax, whose backward autograd derives) the ViT's step is
+    2.5-3x faster and the AR's and the DiT's attention calls 5-40 %, same losses to rounding (bench/train_attention.py,
+    README "Training speed: the attention kernel"). The kernel is chosen at the forward; the backward follows it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(enabled, device))
+    if device == "cpu":
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def make_optimizer(params, cfg: StageConfig) -> torch.optim.AdamW:

@@ -200,7 +200,7 @@ def main(cfg: DiTTrainConfig) -> Path:
             src_prior = upsample_ids(torch.from_numpy(ids_s[idx].astype(np.int64)).view(n, th, tw))
         for group in opt.param_groups:
             group["lr"] = lr
-        with C.autocast(cfg.bf16):
+        with C.forward(cfg.bf16):
             v, aux_sum = step_fn(xt, u * T - 1, prior, drop, texts, size_t, src, src_prior, canvas)
         aux_loss = aux_sum * d.world / n_glyph  # this slice's share of the global mean (DDP averages gradients)
         err = (v.float() - target).pow(2)

@@ -154,7 +154,7 @@ def cosine_logits(vq: VisualTokenizer, pixels: torch.Tensor, scale: float, bf16:
                   codebook: torch.Tensor | None = None) -> torch.Tensor:
     """-> (B, N, K) scaled cosine similarities; their argmax is VisualTokenizer.quantize (with `codebook`, the rows
     it stands for)."""
-    with C.autocast(bf16):
+    with C.forward(bf16):
         feats = vq.features(pixels)
     z = F.normalize(vq.quant_proj(feats.float()), dim=-1)
     return scale * z @ F.normalize((vq.codebook.weight if codebook is None else codebook).float(), dim=-1).t()

@@ -142,7 +142,7 @@ def main(cfg: VAETrainConfig) -> Path:
         x = x[:, :, oy:oy + crop, ox:ox + crop]
         for group in opt.param_groups:
             group["lr"] = lr
-        with C.autocast(cfg.bf16):
+        with C.forward(cfg.bf16):
             post = model.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(post.mean.dtype)
             rec = model.decode(z).sample
