@@ -76,6 +76,9 @@ def test_stage_outputs_are_consistent(run_dir):
     # the ids are the scene graphs' semantic codes, and the graphs re-sampled from the recipe are the rendered ones
     graphs = scene_graphs(scenes)
     assert [all_captions(g) for g in graphs[:20]] == scenes["captions"][:20]
+    assert scene_graphs(scenes, 7) == graphs[:7]  # the first n alone (the DiT's edit pairs with latents)
+    edit_graphs = scene_graphs(Dataset(run_dir / "data" / "edits"), 5)
+    assert [e.instruction for e in edit_graphs] == Dataset(run_dir / "data" / "edits")["instructions"][:5]
     assert ids[3].tolist() == token_codes(graphs[3], th).tolist()
     # the ViT's reading of the edit sources, which the AR's edit rows train on, is exactly what the assembled
     # pipeline reads from a condition image (its codebook's unseen rows completed as the model's are)

@@ -161,13 +161,15 @@ def token_codes(scene: Scene, grid: int) -> np.ndarray:
     return out
 
 
-def scene_graphs(ds: "Dataset") -> list:
-    """The scene graphs (scenes) or edits of a built folder, re-sampled from its recipe without rendering."""
+def scene_graphs(ds: "Dataset", n: int | None = None) -> list:
+    """The scene graphs (scenes) or edits of a built folder, re-sampled from its recipe without rendering; the first
+    `n` only when given (each item is drawn from its own index, so they are the whole list's first n)."""
     r = ds.recipe
     job = _Job(r["kind"], r["seed"], r["split"], r["size"], r["grid"], 0, r["n"])
+    count = r["n"] if n is None else min(n, r["n"])
     if r["kind"] == "scenes":
-        return [sample_scene(_rng(job, i), split=job.split) for i in range(r["n"])]
-    return [sample_edit(_rng(job, i), split=job.split) for i in range(r["n"])]
+        return [sample_scene(_rng(job, i), split=job.split) for i in range(count)]
+    return [sample_edit(_rng(job, i), split=job.split) for i in range(count)]
 
 
 def tokenizer_views(image: Image.Image, downsample: int = 2) -> tuple[np.ndarray, np.ndarray]:
