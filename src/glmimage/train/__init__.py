@@ -17,12 +17,13 @@ DISTRIBUTED = ("ar", "dit")  # stages that run under torchrun (DDP); the others 
 # runs the world recipe from nothing in under three hours on two cores (train/schedule.py; README "The recipe as
 # one command, measured"). The embedded model came from an earlier, longer form of it (more DiT steps, then legs that
 # retrained the ViT and the AR on more edit pairs; README "The embedded world model"); this one trades those DiT
-# steps for the ViT's and the AR's, and the 240,000 edit pairs of the legs, inside the bound.
+# steps for the ViT's and the AR's, and the 240,000 edit pairs of the legs, inside the bound; the VAE ends with a
+# decoder leg of batch 16 (half the embedded model's batch, for most of its gain in edits).
 RECIPES: dict[str, dict[str, dict]] = {
     # ten times the edit pairs for the ViT and the AR; latents for the first 24,000 only (the DiT's edit rows)
     "data": {"world": dict(n_scenes=60000, n_edits=240000), "quick": dict(n_scenes=192, n_edits=96)},
     "vae": {"world": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, sample_every=250, ckpt_every=250,
-                          decoder_steps=0, edit_latents=24000),
+                          decoder_steps=3000, decoder_batch_size=16, edit_latents=24000),
             "quick": dict(steps=3, batch_size=8, sample_every=3, ckpt_every=2, n_stats=64)},
     "tokenizer": {"world": dict(steps=6000, batch_size=128, lr=1e-3, warmup=100, sample_every=500, ckpt_every=250,
                             factored_codebook=True, edit_images=True),
