@@ -171,24 +171,30 @@ def test_resume_gives_the_same_losses(run_dir, tmp_path, stage):
 
 
 def test_train_all_runs_two_lanes_then_the_dit_on_both_cores(run_dir):
-    """On a multi-core CPU `train all` runs vae → dit beside tokenizer ids → ViT → ar, one process each, then the
-    DiT under torchrun on two processes to its last step; every job logs to <out>/logs/."""
+    """On a multi-core CPU `train all` runs vae → dit beside tokenizer ids → ViT → ar → the vae's decoder leg, one
+    process each, then the DiT under torchrun on two processes to its last step; every job logs to <out>/logs/."""
+    from safetensors.torch import load_file
+
     from glmimage.train.schedule import cores
 
     if cores() < 2:
         pytest.skip("one core: the stages run one after another")
     logs = {p.stem: p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log")}
-    lanes = {"data", "vae", "tokenizer-ids", "ar", "tokenizer", "dit-ddp"}
-    if "dit-lane" not in logs:  # by design when lane B (ids → ViT → ar) ended before lane A's vae (a race; 2 s for
-        # the vae process to exit between its last log line and the check)
-        mtime = {k: (run_dir / "logs" / f"{k}.log").stat().st_mtime for k in ("ar", "vae")}
-        assert mtime["ar"] <= mtime["vae"] + 2.0, "the lane DiT was skipped although lane B ended after the vae"
-    else:
-        lanes.add("dit-lane")
-    assert set(logs) == lanes
+    # lane B waits for lane A's vae before its decoder leg, so it always ends after it: the DiT has its lane
+    assert set(logs) == {"data", "vae", "tokenizer-ids", "ar", "tokenizer", "vae-decoder", "dit-lane", "dit-ddp"}
     assert "Traceback" not in "".join(logs.values())
     state = json.loads((run_dir / "dit" / "ckpt" / "state.json").read_text())
     assert state["step"] == train.stage_config("dit", "quick").steps and not (run_dir / "dit" / "STOP").exists()
+    # the decoder leg ran in its own job (lane A's vae stopped at the first leg), to the recipe's last step, and the
+    # model has its decoder
+    vae = train.stage_config("vae", "quick")
+    assert vae.total_steps > vae.steps
+    assert json.loads((run_dir / "vae" / "ckpt" / "state.json").read_text())["step"] == vae.total_steps
+    steps = [json.loads(x)["step"] for x in (run_dir / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert {vae.steps - 1, vae.total_steps - 1} <= set(steps)  # each job logs its last step
+    model = load_file(str(run_dir / "model" / "model.safetensors"))
+    final = load_file(str(run_dir / "vae" / "vae.safetensors"))
+    assert all(torch.equal(model["vae." + k].float(), w.half().float()) for k, w in final.items())
 
 
 @pytest.mark.parametrize("stage,final", [("vae", "vae.safetensors"), ("tokenizer", "vq.safetensors"),
@@ -206,10 +212,11 @@ def test_stop_file_pauses_a_stage_and_it_resumes(run_dir, tmp_path, stage, final
     state = json.loads((tmp_path / stage / "ckpt" / "state.json").read_text())
     assert state["step"] == 1 and not (tmp_path / stage / "STOP").exists() and not (tmp_path / stage / final).exists()
     train.run(stage, "quick", **kw)
-    assert json.loads((tmp_path / stage / "ckpt" / "state.json").read_text())["step"] == 4
+    total = train.stage_config(stage, "quick", **kw).total_steps  # the vae's decoder leg runs on after the 4 steps
+    assert json.loads((tmp_path / stage / "ckpt" / "state.json").read_text())["step"] == total
     assert (tmp_path / stage / final).is_file()
     rows = [json.loads(x) for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "lr" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "lr" in r] == list(range(total))
 
 
 @pytest.mark.parametrize("stage", ["ar", "dit"])
@@ -620,10 +627,16 @@ def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path)
     train.run("vae", "quick", out=str(runs["straight"]), **kw)
     train.run("vae", "quick", out=str(runs["first"]), **{**kw, "decoder_steps": 0})
     shutil.copytree(runs["first"] / "vae", runs["resumed"] / "vae")
+    first_leg = {f: (runs["resumed"] / "vae" / f).stat() for f in ("latents_scenes.npy", "latents_source.npy",
+                                                                    "latents_target.npy")}
     (runs["resumed"] / "vae" / "STOP").touch()  # the leg's first step, then a pause inside it
     train.run("vae", "quick", out=str(runs["resumed"]), **kw)
     assert json.loads((runs["resumed"] / "vae" / "ckpt" / "state.json").read_text())["step"] == 3
     train.run("vae", "quick", out=str(runs["resumed"]), **kw)
+    # begun where the first leg ended, the leg keeps its latents (a DiT may be reading them: `train all`)
+    for f, st in first_leg.items():
+        now = (runs["resumed"] / "vae" / f).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f
 
     def losses(name):
         rows = [json.loads(x) for x in (runs[name] / "vae" / "metrics.jsonl").read_text().splitlines()]
@@ -639,6 +652,7 @@ def test_vae_decoder_leg_trains_the_decoder_alone_and_resumes(run_dir, tmp_path)
     assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("decoder."))
     for f in ("latents_scenes.npy", "latents_source.npy", "vae.json"):
         assert (runs["first"] / "vae" / f).read_bytes() == (runs["straight"] / "vae" / f).read_bytes(), f
+        assert (runs["resumed"] / "vae" / f).read_bytes() == (runs["straight"] / "vae" / f).read_bytes(), f
     out = tmp_path / "latents_only"  # --steps 0: no leg at all (nor a check of its crop), the latents of its init
     shutil.copytree(run_dir / "data", out / "data")
     train.run("vae", "quick", out=str(out), **{**kw, "steps": 0, "decoder_crop": 30}, init=str(run_dir / "model"))

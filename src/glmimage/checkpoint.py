@@ -229,6 +229,21 @@ def atomic_folder(final: Path):
         os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_file(final: Path):
+    """Yield a temp path beside `final`; on success rename it over `final` (a reader that has the old file open, or
+    mapped, keeps reading the old one whole), on failure remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    os.replace(name, final)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,15 +4,17 @@ Most stages are bound by one core's worth of work (small models, batch 64), so t
 about the time of one. With two cores or more (half of them per lane):
 
     data (all cores)
-    lane A: vae ───────────────→ dit (one process) ──┐ paused when lane B is done (<out>/dit/STOP)
-    lane B: tokenizer ids → tokenizer ViT → ar ───────┘
+    lane A: vae (first leg) ───→ dit (one process) ─────────────┐ paused when lane B is done (<out>/dit/STOP)
+    lane B: tokenizer ids → tokenizer ViT → ar → vae decoder leg ┘
     dit resumed under torchrun, 2 processes, to its last step (same losses as one process, tests/test_train.py)
     assemble <out>/model
 
 The DiT waits for the tokenizer's ids as well as the VAE's latents; the AR for the ViT, whose reading of the edit
-sources its edit rows train on. Each stage runs in its own process (a torch
-thread count is per process) and writes its output to <out>/logs/<job>.log (data, vae, tokenizer-ids, ar,
-tokenizer, dit-lane, dit-ddp); this process prints when a job starts and ends and, every minute, the step each
+sources its edit rows train on. The VAE's decoder leg (`decoder_steps`) changes no latent, so lane A's vae stops at
+the first leg's end and the DiT starts on its latents; the leg resumes from there at the end of lane B (the same
+weights as one run, tests/test_train.py), off the DiT's path. Each stage runs in its own process (a torch thread
+count is per process) and writes its output to <out>/logs/<job>.log (data, vae, tokenizer-ids, ar, tokenizer,
+vae-decoder, dit-lane, dit-ddp); this process prints when a job starts and ends and, every minute, the step each
 running stage has logged. With one core, or `lanes=False`, the stages run one after another in this process. A
 failed stage stops the other lane (its checkpoint is kept) and raises with the tail of its log; running `train all`
 again resumes every stage where it stopped.
@@ -60,14 +62,14 @@ class Runner:
     def say(self, msg: str) -> None:
         print(f"[{_hms(time.time() - self.t0)}] {msg}", flush=True)
 
-    def command(self, stage: str, threads: int, procs: int = 1, steps: int | None = None) -> list[str]:
+    def command(self, stage: str, threads: int, procs: int = 1, steps: int | None = None, **sets) -> list[str]:
         launch = [sys.executable, "-m", "glmimage"]
         if procs > 1:
             launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "glmimage"]
         from glmimage.train import for_stage
 
-        sets = [f"--set={k}={v}" for k, v in for_stage(stage, self.overrides).items()]
+        sets = [f"--set={k}={v}" for k, v in {**for_stage(stage, self.overrides), **sets}.items()]
         cmd = launch + ["train", stage, "--out", str(self.out), "--threads", str(threads), *sets]
         cmd += ["--quick"] if self.recipe == "quick" else []
         return cmd + ([] if steps is None else ["--steps", str(steps)])
@@ -115,7 +117,7 @@ class Runner:
 
 def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress_every: float = 60.0) -> Path:
     """Every stage from nothing (or from where a previous `train all` stopped), then assemble; returns the model."""
-    from glmimage.train import STAGES, for_stage, run
+    from glmimage.train import STAGES, for_stage, run, stage_config
     from glmimage.train.assemble import assemble
 
     out = overrides.get("out", "runs/world")
@@ -132,9 +134,10 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
         stop_file = Path(out) / "dit" / "STOP"
         stop_file.unlink(missing_ok=True)  # left by an interrupted `train all`
         r.run("data", r.command("data", n))
-        ids_ready = threading.Event()
-        lane_b_done = threading.Event()
+        ids_ready, vae_done, lane_b_done = threading.Event(), threading.Event(), threading.Event()
         errors: list[BaseException] = []
+        vae_cfg = stage_config("vae", recipe, **for_stage("vae", overrides))
+        decoder_leg = vae_cfg.total_steps > vae_cfg.steps
 
         def lane(jobs):
             try:
@@ -144,6 +147,15 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
                 errors.append(e)
             finally:
                 ids_ready.set()  # never leave the other lane waiting on a lane that died
+                vae_done.set()
+
+        def vae_first_leg():
+            r.run("vae", r.command("vae", t, **({"decoder_steps": 0} if decoder_leg else {})))
+            vae_done.set()
+
+        def vae_decoder_leg():
+            vae_done.wait()  # resumes from the first leg's checkpoint
+            r.run("vae-decoder", r.command("vae", t))
 
         def lane_b_end():
             lane_b_done.set()
@@ -156,11 +168,12 @@ def run_all(recipe: str, overrides: dict, *, lanes: bool | None = None, progress
                 return  # nothing left to share the cores with: the DiT runs on all of them below
             r.run("dit-lane", r.command("dit", t))
 
-        a = threading.Thread(target=lane, args=([lambda: r.run("vae", r.command("vae", t)), dit_alone],))
+        a = threading.Thread(target=lane, args=([vae_first_leg, dit_alone],))
         b = threading.Thread(target=lane, args=([lambda: r.run("tokenizer-ids", r.command("tokenizer", t, steps=0)),
                                                 ids_ready.set,
                                                 lambda: r.run("tokenizer", r.command("tokenizer", t)),
                                                 lambda: r.run("ar", r.command("ar", t)),
+                                                *([vae_decoder_leg] if decoder_leg else []),
                                                 lane_b_end],))
         a.start(), b.start()
         while a.is_alive() or b.is_alive():

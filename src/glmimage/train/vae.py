@@ -2,7 +2,9 @@
 
 Fully convolutional, so it trains on random crops (4× cheaper at 32 px) and is judged on whole images. A second leg
 (`decoder_steps`) then trains the decoder alone on whole images: the encoder, and so every latent, is the first
-leg's, and the decoder learns to draw those latents sharper (the embedded model's edits 0.77 -> 0.84).
+leg's, and the decoder learns to draw those latents sharper (the embedded model's edits 0.77 -> 0.84). The legs can
+run as two jobs (`--set decoder_steps=0`, then the same stage with the leg: it resumes at the first leg's end and
+keeps its latents), which is how `train all` lets the DiT start on the latents while the decoder leg runs later.
 Outputs in <out>/vae/: vae.safetensors + vae.json (config with latents_mean/std), latents_*.npy (float16,
 normalised), samples.png (originals over reconstructions), loss.png, tb/, ckpt/.
 """
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from glmimage.checkpoint import model_folder
+from glmimage.checkpoint import atomic_file, model_folder
 from glmimage.config import preset
 from glmimage.train import common as C
 from glmimage.train.data import Dataset, to_float
@@ -61,6 +63,11 @@ def freeze_all_but_decoder(model) -> None:
 
 def stage_dir(cfg) -> Path:
     return Path(cfg.out) / "vae"
+
+
+def _rows(path: Path) -> int | None:
+    """Rows of a saved latent array, None when there is none."""
+    return len(np.load(path, mmap_mode="r")) if path.is_file() else None
 
 
 def load_trained(out: str | Path) -> VAE:
@@ -185,11 +192,19 @@ def main(cfg: VAETrainConfig) -> Path:
     log.plot(f"vae · step {total}")
     log.close()
 
-    # Latent statistics -> the normalisation GLM-Image applies ((z - mean) / std), then the final files
+    # Latent statistics -> the normalisation GLM-Image applies ((z - mean) / std), then the final files. A run that
+    # began where the first leg ended (`train all` runs the decoder leg as its own job, beside a DiT already training
+    # on the first leg's output) has not touched the encoder: its normalisation and latents are kept, not rewritten.
     model.eval()
+    k = (cfg.edit_latents or n_pairs) if n_pairs else 0
+    rows = {"scenes": n, **({"source": k, "target": k} if k else {})}
+    encoder_kept = 0 < cfg.steps <= start and not cfg.decoder_only and (out / "vae.json").is_file()
     if cfg.decoder_only:  # the encoder is the init's: so is the normalisation its DiT was trained on, to the bit
         init_vae = json.loads((model_folder(cfg.init) / "config.json").read_text())["vae"]
         mean, std = init_vae["latents_mean"], init_vae["latents_std"]
+    elif encoder_kept:
+        kept = json.loads((out / "vae.json").read_text())
+        mean, std = kept["latents_mean"], kept["latents_std"]
     else:
         with torch.no_grad():
             zs = torch.cat([model.encode(to_float(images[i:i + 250])).latent_dist.mode()
@@ -197,16 +212,18 @@ def main(cfg: VAETrainConfig) -> Path:
         mean = zs.mean(dim=(0, 2, 3)).tolist()
         std = zs.std(dim=(0, 2, 3)).tolist()
     config = {**mcfg.vae, "latents_mean": mean, "latents_std": std}
-    (out / "vae.json").write_text(json.dumps(config, indent=2))
-    C.save_weights(model, out / "vae.safetensors")
+    with atomic_file(out / "vae.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+    with atomic_file(out / "vae.safetensors") as tmp:
+        C.save_weights(model, tmp)
 
     # Stage output for the DiT: normalised latents of every training image and both sides of the edit pairs (the first
-    # edit_latents, or all)
+    # edit_latents, or all); each file swapped in whole, so a DiT reading the old one keeps reading it
+    if encoder_kept and all(_rows(out / f"latents_{side}.npy") == r for side, r in rows.items()):
+        return out
     vae = load_trained(cfg.out)
-    np.save(out / "latents_scenes.npy", encode_all(vae, images, desc="latents scenes", bf16=cfg.bf16))
-    if n_pairs:
-        k = cfg.edit_latents or n_pairs
-        for side in ("source", "target"):
-            z = encode_all(vae, edits[side][:k], desc=f"latents edit {side}s", bf16=cfg.bf16)
-            np.save(out / f"latents_{side}.npy", z)
+    for side, r in rows.items():
+        z = encode_all(vae, (images if side == "scenes" else edits[side])[:r], desc=f"latents {side}", bf16=cfg.bf16)
+        with atomic_file(out / f"latents_{side}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, z)
     return out
