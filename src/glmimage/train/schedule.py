@@ -62,14 +62,14 @@ class Runner:
     def say(self, msg: str) -> None:
         print(f"[{_hms(time.time() - self.t0)}] {msg}", flush=True)
 
-    def command(self, stage: str, threads: int, procs: int = 1, steps: int | None = None, **sets) -> list[str]:
+    def command(self, stage: str, threads: int, procs: int = 1, steps: int | None = None, **extra) -> list[str]:
         launch = [sys.executable, "-m", "glmimage"]
         if procs > 1:
             launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                       "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "glmimage"]
         from glmimage.train import for_stage
 
-        sets = [f"--set={k}={v}" for k, v in {**for_stage(stage, self.overrides), **sets}.items()]
+        sets = [f"--set={k}={v}" for k, v in {**for_stage(stage, self.overrides), **extra}.items()]
         cmd = launch + ["train", stage, "--out", str(self.out), "--threads", str(threads), *sets]
         cmd += ["--quick"] if self.recipe == "quick" else []
         return cmd + ([] if steps is None else ["--steps", str(steps)])
